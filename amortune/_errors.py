@@ -1,0 +1,169 @@
+"""The error tree, and how a worker's exception crosses the process boundary.
+
+Owns: the public exception and warning classes, and the helpers that capture an exception in a
+worker and rebuild it in the caller with its own type, the worker's traceback as ``__cause__`` and
+the failing item's index as a note. Imports the standard library only.
+"""
+
+from __future__ import annotations
+
+import pickle
+import signal
+import traceback
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any
+
+__all__ = [
+    "AmortuneError",
+    "AmortuneWarning",
+    "MemoryBudgetError",
+    "NotPicklableError",
+    "RemoteTraceback",
+    "TaskTimeoutError",
+    "WorkerCrashedError",
+    "exit_reason",
+]
+
+
+class AmortuneError(Exception):
+    """Base class of every error amortune raises itself."""
+
+
+class AmortuneWarning(UserWarning):
+    """Base class of amortune's warnings (fallbacks, noisy profiles, memory advice)."""
+
+
+class NotPicklableError(AmortuneError, TypeError):
+    """The function, an argument or a result cannot be sent to or from a worker."""
+
+
+class MemoryBudgetError(AmortuneError, MemoryError):
+    """A single result is larger than the whole memory budget, so no batch size can hold it."""
+
+
+class TaskTimeoutError(AmortuneError, TimeoutError):
+    """An item ran longer than ``timeout`` seconds; its worker was killed and replaced."""
+
+    def __init__(self, message: str, indices: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.indices = indices
+
+
+class WorkerCrashedError(AmortuneError, BrokenProcessPool):
+    """A worker process died while it held a chunk.
+
+    ``exitcode`` is the process exit code (negative for a signal), ``indices`` the input indices of
+    the chunk that was lost, and ``rss_bytes`` the last resident memory seen for that worker.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        exitcode: int | None = None,
+        indices: tuple[int, ...] = (),
+        rss_bytes: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.exitcode = exitcode
+        self.indices = indices
+        self.rss_bytes = rss_bytes
+
+
+class RemoteTraceback(Exception):
+    """Carries the traceback text of an exception raised in a worker (used as ``__cause__``)."""
+
+    def __init__(self, tb: str) -> None:
+        super().__init__(tb)
+        self.tb = tb
+
+    def __str__(self) -> str:
+        return self.tb
+
+
+def exit_reason(exitcode: int | None) -> str:
+    """Describe a process exit code: ``'signal SIGKILL'`` or ``'exit code 3'``."""
+    if exitcode is None:
+        return "unknown exit status"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = f"signal {-exitcode}"
+        hint = " (the system may have killed it for using too much memory)" if name == "SIGKILL" else ""
+        return f"signal {name}{hint}"
+    return f"exit code {exitcode}"
+
+
+def describe_indices(indices: tuple[int, ...] | list[int]) -> str:
+    """Short text for a set of item indices: ``'items 10-19'`` or ``'item 4'``."""
+    if not indices:
+        return "no items"
+    lo, hi = min(indices), max(indices)
+    if lo == hi:
+        return f"item {lo}"
+    if hi - lo + 1 == len(indices):
+        return f"items {lo}-{hi}"
+    return f"{len(indices)} items between {lo} and {hi}"
+
+
+def capture(exc: BaseException, index: int | None) -> tuple[bytes | None, str, str, int | None]:
+    """Package an exception raised in a worker as plain data.
+
+    Returns ``(pickled exception or None, type name, formatted traceback, item index)``; the
+    pickled form is ``None`` when the exception itself cannot be pickled, and the caller then
+    raises an :class:`AmortuneError` carrying the type name and text instead.
+    """
+    tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    exc.__traceback__ = None
+    payload: bytes | None = None
+    try:
+        data = pickle.dumps(exc)
+        pickle.loads(data)
+        payload = data
+    except Exception:
+        try:  # exception classes defined in __main__ or a closure travel by value
+            import cloudpickle
+
+            data = cloudpickle.dumps(exc)
+            pickle.loads(data)
+            payload = data
+        except Exception:
+            payload = None
+    return payload, f"{type(exc).__module__}.{type(exc).__qualname__}: {exc}", tb_text, index
+
+
+def rebuild(captured: tuple[bytes | None, str, str, int | None]) -> BaseException:
+    """Turn :func:`capture` output back into an exception of the original type."""
+    payload, summary, tb_text, index = captured
+    exc: BaseException
+    if payload is not None:
+        try:
+            exc = pickle.loads(payload)
+        except Exception:
+            exc = AmortuneError(summary)
+    else:
+        exc = AmortuneError(f"worker raised an exception that cannot be pickled: {summary}")
+    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb_text}"""')
+    if index is not None:
+        add_note(exc, f"amortune: raised while processing item {index}")
+        try:
+            exc.amortune_index = index  # type: ignore[attr-defined]
+        except Exception:
+            pass
+    return exc
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note`` on Python 3.11+, the same ``__notes__`` list on 3.10."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+    else:  # pragma: no cover - Python 3.10
+        notes: Any = getattr(exc, "__notes__", None)
+        if notes is None:
+            notes = []
+            try:
+                exc.__notes__ = notes  # type: ignore[attr-defined]
+            except Exception:
+                return
+        notes.append(note)

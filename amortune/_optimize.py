@@ -1,0 +1,145 @@
+"""``optimize()``: probe the machine, sample the function, ask the model, return a plan.
+
+Orchestration only; the decisions live in ``_model``. Also owns :func:`plan_run`, which
+``execute`` and ``process_in_batches`` share so the sampled results are reused, never recomputed.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ._config import Config
+from ._model import Costs, decide
+from ._plan import OptimizationResult
+from ._profile import Sampled, sample
+from ._system import SystemSnapshot, probe_system
+from .backends.local import peek_warm_pool, start_cost
+
+__all__ = ["optimize", "plan_run", "PlannedRun"]
+
+
+@dataclass
+class PlannedRun:
+    """A plan plus what sampling already produced (results to reuse, the rest of the input)."""
+
+    plan: OptimizationResult
+    sampled: Sampled
+    system: SystemSnapshot
+
+
+def _costs(config: Config, system: SystemSnapshot) -> Costs:
+    first, per = start_cost(config.start_method)
+    warm = peek_warm_pool(config.start_method)
+    return Costs(
+        usable_cores=system.usable_cores,
+        available_memory_bytes=system.available_memory_bytes,
+        memory_fraction=config.memory_fraction,
+        process_start_seconds=first,
+        per_worker_start_seconds=per,
+        warm_workers=warm.warm_workers if warm is not None else 0,
+        max_threads=config.max_threads,
+        target_chunk_seconds=config.target_chunk_seconds,
+    )
+
+
+def plan_run(
+    func: Callable[[Any], Any],
+    data: Iterable[Any],
+    config: Config,
+    *,
+    n_jobs: int | None = None,
+    chunksize: int | None = None,
+    executor: str | None = None,
+) -> PlannedRun:
+    """Sample ``func`` on ``data`` and decide how to run the rest."""
+    if not callable(func):
+        raise TypeError(f"func must be callable, got {type(func).__name__}")
+    if n_jobs is not None and n_jobs < 1:
+        raise ValueError(f"n_jobs must be >= 1 or None, got {n_jobs!r}")
+    if chunksize is not None and chunksize < 1:
+        raise ValueError(f"chunksize must be >= 1 or None, got {chunksize!r}")
+    if executor not in (None, "serial", "processes", "threads"):
+        raise ValueError(f"executor must be 'serial', 'processes', 'threads' or None, got {executor!r}")
+    system = probe_system(config)
+    sampled = sample(func, data, config)
+    reasons: list[str] = []
+    warnings: list[str] = []
+    if config.timeout_seconds is not None and executor is None and sampled.n_remaining:
+        # Only a process can be stopped in the middle of an item.
+        if sampled.profile.picklable:
+            executor = "processes"
+            reasons.append("a timeout was given, so items run in processes that can be killed")
+        else:
+            warnings.append("timeout is ignored: the function cannot be pickled to run in a "
+                            "process that could be stopped")
+    if executor == "processes" and not sampled.profile.picklable:
+        warnings.append(f"cannot use processes: {sampled.profile.not_picklable_reason}; "
+                        "running serially instead")
+        executor, n_jobs = "serial", None
+    if not sampled.profile.picklable and sampled.n_remaining:
+        warnings.append(
+            f"func cannot run in worker processes ({sampled.profile.not_picklable_reason})")
+    decision = decide(
+        sampled.profile,
+        sampled.n_remaining,
+        _costs(config, system),
+        n_items_known=sampled.n_remaining_known,
+        n_jobs=n_jobs,
+        chunksize=chunksize,
+        executor=executor,
+    )
+    n_items = (sampled.profile.n_sampled + sampled.n_remaining
+               if sampled.n_remaining_known else None)
+    # A re-iterable input is handed back as is; a one-shot iterator is chained back together
+    # (sampled items, read-ahead, rest). Only one of plan.data and the run consumes ``rest``.
+    chained: Iterable[Any] = data if _reiterable(data) else itertools.chain(
+        sampled.inputs, sampled.read_ahead, sampled.rest)
+    plan = OptimizationResult.from_decision(
+        decision,
+        sampled.profile,
+        chained,
+        n_items=n_items,
+        start_method=config.start_method,
+        system=system.describe(),
+        extra_reasons=tuple(reasons),
+        extra_warnings=tuple(warnings),
+    )
+    return PlannedRun(plan, sampled, system)
+
+
+def _reiterable(data: Iterable[Any]) -> bool:
+    return iter(data) is not data
+
+
+def optimize(
+    func: Callable[[Any], Any],
+    data: Iterable[Any],
+    *,
+    sample_size: int | None = None,
+    n_jobs: int | None = None,
+    executor: str | None = None,
+    max_memory_percent: float | None = None,
+    config: Config | None = None,
+    **unused: Any,
+) -> OptimizationResult:
+    """Measure ``func`` on the first items of ``data`` and decide how to map it; run nothing else.
+
+    Returns an :class:`OptimizationResult` with ``n_jobs``, ``chunksize``, ``batch_size``,
+    ``executor``, ``estimated_speedup``, ``reasons`` and ``warnings``; its ``data`` is the input
+    with the sampled items chained back, so a generator is not lost.
+
+    Examples
+    --------
+    >>> import amortune
+    >>> plan = amortune.optimize(abs, range(-1000, 1000))
+    >>> plan.executor, plan.n_jobs
+    ('serial', 1)
+    >>> list(plan.data)[:3]
+    [-1000, -999, -998]
+    """
+    cfg = (config or Config.from_env()).replace(
+        sample_items=sample_size, memory_fraction=max_memory_percent)
+    return plan_run(func, data, cfg, n_jobs=n_jobs, executor=executor).plan

@@ -1,0 +1,204 @@
+"""Sampling in the caller's process: cheap, and never wasted.
+
+Owns: running ``func`` on the first items until a small time or item budget is spent, timing each
+call (wall and CPU), measuring pickled sizes and pickling time, result memory (numpy-aware) and
+whether the function can travel to a worker. The sampled results are kept and reused by the run,
+so no item is computed twice; items read ahead to learn the input's length are handed back too.
+Clocks are arguments so tests can drive it with a virtual clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import pickle
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from ._config import Config
+from ._errors import add_note
+from ._model import WorkloadProfile
+
+__all__ = ["Sampled", "sample", "result_nbytes", "count_items"]
+
+#: Read-ahead to learn a generator's length stops at this many items or this many bytes of input.
+READ_AHEAD_ITEMS = 4096
+READ_AHEAD_BYTES = 64 << 20
+#: At most this many sampled items are pickled to measure transfer cost.
+PICKLE_PROBES = 4
+
+
+@dataclass
+class Sampled:
+    """What sampling produced: the profile, the results so far and the rest of the input."""
+
+    profile: WorkloadProfile
+    results: list[Any]
+    inputs: list[Any]
+    read_ahead: list[Any]
+    rest: Iterator[Any]
+    n_remaining: int
+    n_remaining_known: bool
+    func_bytes: bytes | None
+
+    def remaining_items(self) -> Iterator[Any]:
+        """The items not yet run, in order: the read-ahead buffer, then the rest of the input."""
+        if self.read_ahead:
+            return itertools.chain(self.read_ahead, self.rest)
+        return self.rest
+
+
+def count_items(data: Iterable[Any]) -> int | None:
+    """``len(data)`` when the input has a length, else ``None`` (generators, iterators)."""
+    try:
+        return len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def result_nbytes(obj: Any, _depth: int = 0) -> int:
+    """Approximate memory held by ``obj``: numpy arrays by ``nbytes``, containers one level deep."""
+    nbytes = getattr(obj, "nbytes", None)
+    if isinstance(nbytes, int) and not isinstance(obj, memoryview):
+        return nbytes + 112
+    size = sys.getsizeof(obj, 64)
+    if _depth < 2:
+        if isinstance(obj, (list, tuple, set, frozenset)):
+            size += sum(result_nbytes(x, _depth + 1) for x in itertools.islice(obj, 1000))
+        elif isinstance(obj, dict):
+            size += sum(
+                result_nbytes(k, _depth + 1) + result_nbytes(v, _depth + 1)
+                for k, v in itertools.islice(obj.items(), 1000)
+            )
+    return size
+
+
+def _pickle_cost(objs: list[Any], clock: Callable[[], float]) -> tuple[float, float, str]:
+    """Mean pickled bytes and seconds per object over a few probes; reason text if one fails."""
+    if not objs:
+        return 0.0, 0.0, ""
+    total_bytes = 0
+    t0 = clock()
+    try:
+        for obj in objs:
+            total_bytes += len(pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        try:
+            import cloudpickle
+
+            total_bytes = sum(len(cloudpickle.dumps(o)) for o in objs)
+        except Exception as exc:
+            return 0.0, 0.0, f"{type(exc).__name__}: {exc}"
+    return total_bytes / len(objs), (clock() - t0) / len(objs), ""
+
+
+def _func_bytes(func: Callable[..., Any]) -> tuple[bytes | None, str]:
+    """The function as workers receive it (cloudpickle: by value for ``__main__`` and lambdas)."""
+    try:
+        import cloudpickle
+
+        return cloudpickle.dumps(func, protocol=pickle.HIGHEST_PROTOCOL), ""
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+def sample(
+    func: Callable[[Any], Any],
+    data: Iterable[Any],
+    config: Config,
+    *,
+    parallel_floor_seconds: float = 0.01,
+    clock: Callable[[], float] = time.perf_counter,
+    cpu_clock: Callable[[], float] = time.process_time,
+) -> Sampled:
+    """Run ``func`` on the first items of ``data`` and measure it.
+
+    Stops after ``config.sample_items`` items or ``config.sample_seconds`` of wall time. Pickling
+    is measured only when the rest of the work could pay for parallel execution (more than
+    ``parallel_floor_seconds`` of predicted serial time), so a trivial map spends nothing on it.
+    An exception from ``func`` propagates with the item's index in a note.
+    """
+    n_total = count_items(data)
+    it = iter(data)
+    results: list[Any] = []
+    inputs: list[Any] = []
+    walls: list[float] = []
+    cpu_start = cpu_clock()
+    start = clock()
+    deadline = start + config.sample_seconds
+    limit = config.sample_items
+    for item in it:
+        t0 = clock()
+        try:
+            r = func(item)
+        except BaseException as exc:
+            add_note(exc, f"amortune: raised while processing item {len(results)}")
+            raise
+        t1 = clock()
+        results.append(r)
+        inputs.append(item)
+        walls.append(t1 - t0)
+        if len(results) >= limit or t1 >= deadline:
+            break
+    sampled_wall = clock() - start
+    sampled_cpu = cpu_clock() - cpu_start
+    n = len(results)
+
+    read_ahead: list[Any] = []
+    if n_total is not None:
+        n_remaining, known = n_total - n, True
+    else:
+        read_ahead, limit = _read_ahead(it, inputs)
+        known = len(read_ahead) < limit
+        n_remaining = len(read_ahead)
+
+    mean_wall = sampled_wall / n if n else 0.0
+    mean_cpu = sampled_cpu / n if n else 0.0
+    cv = statistics.pstdev(walls) / mean_wall if n > 1 and mean_wall > 0 else 0.0
+    in_b = out_b = in_s = out_s = 0.0
+    func_bytes: bytes | None = None
+    picklable, why = True, ""
+    if n and n_remaining * mean_wall > parallel_floor_seconds:
+        func_bytes, why = _func_bytes(func)
+        picklable = func_bytes is not None
+        if picklable:
+            in_b, in_s, why_in = _pickle_cost(inputs[:PICKLE_PROBES], clock)
+            out_b, out_s, why_out = _pickle_cost(results[:PICKLE_PROBES], clock)
+            if why_in or why_out:
+                picklable = False
+                why = f"an input cannot be pickled: {why_in}" if why_in else (
+                    f"a result cannot be pickled: {why_out}")
+    mem = statistics.fmean(result_nbytes(r) for r in results[:PICKLE_PROBES]) if n else 0.0
+    profile = WorkloadProfile(
+        n_sampled=n,
+        sampled_wall_seconds=sampled_wall,
+        item_wall_seconds=mean_wall,
+        item_cpu_seconds=min(mean_cpu, mean_wall) if mean_wall else mean_cpu,
+        item_wall_cv=cv,
+        max_item_wall_seconds=max(walls, default=0.0),
+        in_bytes=in_b,
+        out_bytes=out_b,
+        pickle_in_seconds=in_s,
+        pickle_out_seconds=out_s,
+        result_memory_bytes=max(mem, out_b),
+        picklable=picklable,
+        not_picklable_reason=why,
+    )
+    return Sampled(profile, results, inputs, read_ahead, it, n_remaining, known, func_bytes)
+
+
+def _read_ahead(it: Iterator[Any], sampled_inputs: list[Any]) -> tuple[list[Any], int]:
+    """Buffer the next items of a length-less input so the model knows how much work is left."""
+    per_item = 0
+    if sampled_inputs:
+        try:
+            per_item = len(pickle.dumps(sampled_inputs[0], protocol=pickle.HIGHEST_PROTOCOL))
+        except Exception:
+            per_item = result_nbytes(sampled_inputs[0])
+    limit = READ_AHEAD_ITEMS
+    if per_item:
+        limit = max(1, min(limit, READ_AHEAD_BYTES // per_item))
+    return list(itertools.islice(it, limit)), limit
