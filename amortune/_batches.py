@@ -495,7 +495,7 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterator[Any], cfg: Config,
                                        n_remaining=len(batch_inputs), progress=prog,
                                        max_items_in_flight=max_in_flight, backend=backend):
                 batch_results.extend(part)
-            part = None
+            part = []  # drop the reference to the last chunk's results
             count = len(batch_results)
             if reduce is not None:
                 partial = functools.reduce(reduce, batch_results)

@@ -6,6 +6,7 @@ The only module that prints. Argument parsing and presentation only; the work is
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import json
 import math
@@ -44,6 +45,10 @@ def skewed(x: int) -> int:
     return sum(i % 3 for i in range(n))
 
 
+def _loop(func: Callable[[Any], Any], data: Sequence[Any]) -> list[Any]:
+    return list(map(func, data))
+
+
 def _time(fn: Callable[[], Any], repeats: int = 1) -> tuple[float, Any]:
     best, out = math.inf, None
     for _ in range(repeats):
@@ -70,10 +75,10 @@ def demo(out: Any = sys.stdout) -> int:
         plan = amortune.optimize(func, data)
         print(f"== {name}", file=out)
         print(plan.explain(), file=out)
-        t_loop, expected = _time(lambda f=func, d=data: list(map(f, d)))
+        t_loop, expected = _time(functools.partial(_loop, func, data))
         with multiprocessing.get_context("forkserver").Pool() as pool:
-            t_pool, got_pool = _time(lambda f=func, d=data, p=pool: p.map(f, d))
-        t_am, got = _time(lambda f=func, d=data: amortune.execute(f, d))
+            t_pool, got_pool = _time(functools.partial(pool.map, func, data))
+        t_am, got = _time(functools.partial(amortune.execute, func, data))
         ok = got == expected and got_pool == expected
         rows.append((name, t_loop, t_pool, t_am, plan.estimated_speedup, ok))
         print(file=out)
