@@ -23,6 +23,7 @@ from ._config import Config
 from ._errors import add_note
 from ._optimize import PlannedRun, plan_run
 from ._schedule import ChunkPolicy, RunStats, run_chunks
+from ._worker import rss_bytes
 from .backends._base import Backend, FunctionRef
 from .backends.local import ThreadBackend, discard_warm_pool, get_warm_pool
 
@@ -273,20 +274,6 @@ def _release_freed_memory() -> None:
             pass
 
 
-def _tree_rss() -> int:
-    """Resident memory of this process and its children (the run's real footprint)."""
-    import psutil
-
-    me = psutil.Process()
-    total = me.memory_info().rss
-    for child in me.children(recursive=True):
-        try:
-            total += child.memory_info().rss
-        except psutil.Error:
-            pass
-    return int(total)
-
-
 def process_in_batches(
     func: Callable[[T], R],
     data: Iterable[T],
@@ -477,7 +464,7 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterator[Any], cfg: Config,
     collected: list[Any] = []
     seq = len(ckpt.batches) if ckpt is not None else 0
     start = done_items
-    baseline_rss = _tree_rss()
+    baseline_rss = rss_bytes()
     max_in_flight = max(2 * plan.n_jobs, int(0.25 * budget // max(per_result, 1)))
     try:
         while True:
@@ -515,9 +502,12 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterator[Any], cfg: Config,
             head = []
             del batch_results
             _release_freed_memory()
-            rss = _tree_rss()
-            _say(verbose, f"Batch {seq + 1}/{n_batches}: items {start}-{start + count - 1} "
-                          f"({count} items) in {time.perf_counter() - t0:.2f} s, "
+            # Results live in this process; workers hold one chunk each and are recycled by
+            # Config.worker_memory_growth_bytes, so the caller's growth is what the budget bounds.
+            rss = rss_bytes()
+            of_total = f" of {total}" if total is not None else ""
+            _say(verbose, f"Batch {seq + 1}: items {start}-{start + count - 1} ({count} items, "
+                          f"{start + count}{of_total} done) in {time.perf_counter() - t0:.2f} s, "
                           f"memory {_fmt_bytes(rss)}")
             if rss - baseline_rss > budget and batch_size > 1:
                 batch_size = max(1, batch_size // 2)

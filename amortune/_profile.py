@@ -111,6 +111,7 @@ def sample(
     config: Config,
     *,
     parallel_floor_seconds: float = 0.01,
+    on_first_item: Callable[[float, float, int | None], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     cpu_clock: Callable[[], float] = time.process_time,
 ) -> Sampled:
@@ -119,6 +120,8 @@ def sample(
     Stops after ``config.sample_items`` items or ``config.sample_seconds`` of wall time. Pickling
     is measured only when the rest of the work could pay for parallel execution (more than
     ``parallel_floor_seconds`` of predicted serial time), so a trivial map spends nothing on it.
+    ``on_first_item(wall_seconds, cpu_seconds, n_total)`` is called after the first item, so the
+    caller can start workers while the rest of the sample runs.
     An exception from ``func`` propagates with the item's index in a note.
     """
     n_total = count_items(data)
@@ -141,6 +144,8 @@ def sample(
         results.append(r)
         inputs.append(item)
         walls.append(t1 - t0)
+        if on_first_item is not None and len(results) == 1:
+            on_first_item(t1 - t0, cpu_clock() - cpu_start, n_total)
         if len(results) >= limit or t1 >= deadline:
             break
     sampled_wall = clock() - start
