@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from ._config import Config
 from ._errors import add_note
 from ._optimize import PlannedRun, plan_run
+from ._profile import count_items
 from ._schedule import ChunkPolicy, RunStats, run_chunks
 from ._worker import rss_bytes
 from .backends._base import Backend, FunctionRef
@@ -346,6 +347,8 @@ def process_in_batches(
         timeout_seconds=optimize_kwargs.get("timeout"),
         retry_on=optimize_kwargs.get("retry_on"),
     )
+    if spill is not None and not isinstance(spill, (os.PathLike, str)):
+        raise TypeError(f"spill must be 'disk', a folder path or None, got {spill!r}")
     ckpt = None
     if checkpoint is not None:
         from ._checkpoint import Checkpoint, describe_function, function_fingerprint
@@ -355,6 +358,7 @@ def process_in_batches(
                                function_name=describe_function(func))
     store = None
     try:
+        source: Iterable[Any] = data
         it = iter(data)
         done_items = 0
         aggregate: Any = _NOTHING
@@ -365,20 +369,19 @@ def process_in_batches(
                 items = list(itertools.islice(it, rec.stop - rec.start))
                 ckpt.verify_batch(rec.seq, rec.start, rec.start + len(items), input_digest(items))
             done_items = ckpt.next_start
+            n_total = count_items(data)
+            source = it if n_total is None else _Sized(it, n_total - done_items)
             if reduce is not None:
                 aggregate = ckpt.aggregate()
             _say(verbose, f"Resuming from checkpoint {ckpt.path}: {len(ckpt.batches)} batches "
                           f"({done_items} items) already done")
-        if spill is not None and ckpt is None:
+        if spill is not None and ckpt is None and reduce is None:
+            # With reduce= only the running aggregate is kept, so there is nothing to spill; with
+            # a checkpoint the checkpoint's own segments are the spill.
             from ._spill import SpillStore
 
-            if isinstance(spill, str) and spill == "disk":
-                store = SpillStore(None)
-            elif isinstance(spill, (str, os.PathLike)):
-                store = SpillStore(spill)
-            else:
-                raise TypeError(f"spill must be 'disk', a folder path or None, got {spill!r}")
-        result = _batch_loop(func, it, cfg, batch_size, verbose, ckpt, store, reduce, aggregate,
+            store = SpillStore(None if spill == "disk" else spill)
+        result = _batch_loop(func, source, cfg, batch_size, verbose, ckpt, store, reduce, aggregate,
                              done_items, progress, progress_callback, optimize_kwargs)
     except BaseException:
         if store is not None:
@@ -400,6 +403,19 @@ def process_in_batches(
     return result
 
 
+class _Sized:
+    """An iterator that still knows how many items it will yield (after a resume skip)."""
+
+    def __init__(self, it: Iterator[Any], n: int) -> None:
+        self._it, self._n = it, max(0, n)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._it
+
+    def __len__(self) -> int:
+        return self._n
+
+
 class _Nothing:
     def __repr__(self) -> str:
         return "<nothing>"
@@ -408,7 +424,7 @@ class _Nothing:
 _NOTHING: Any = _Nothing()
 
 
-def _batch_loop(func: Callable[[Any], Any], it: Iterator[Any], cfg: Config,
+def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config,
                 batch_size: int | None, verbose: bool, ckpt: Any, store: Any,
                 reduce: Callable[[Any, Any], Any] | None, aggregate: Any, done_items: int,
                 progress: Any, progress_callback: Callable[[str, float], None] | None,
@@ -499,7 +515,7 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterator[Any], cfg: Config,
                 store.write_segment(seq, batch_results)
             elif reduce is None:
                 collected.extend(batch_results)
-            head = []
+            head = sampled.inputs = sampled.read_ahead = []
             del batch_results
             _release_freed_memory()
             # Results live in this process; workers hold one chunk each and are recycled by

@@ -118,3 +118,96 @@ def return_mb(x: int) -> Any:
     import numpy as np
 
     return np.full(1 << 17, x, dtype=np.float64)  # 1 MiB
+
+
+# --- tasks for tests/test_batches.py -----------------------------------------------------------
+
+
+def worker_pid(x: int) -> int:
+    """The PID of the process that ran this item (proves one pool serves every batch)."""
+    return os.getpid()
+
+
+def count_codons(seq: str) -> Any:
+    """Codon counts of a DNA string in reading frame 0 (the 002 document's per-batch work)."""
+    from collections import Counter
+
+    return Counter(seq[i:i + 3] for i in range(0, len(seq) - 2, 3))
+
+
+def merge_counts(a: Any, b: Any) -> Any:
+    """Merge two codon Counters without mutating either."""
+    out = a.copy()
+    out.update(b)
+    return out
+
+
+def process_image(img: Any) -> Any:
+    """Stand-in for the 003 document's image resize: a 2x upscale of a small array."""
+    return img.repeat(2, axis=0).repeat(2, axis=1)
+
+
+def process_record(record: dict[str, Any]) -> dict[str, Any]:
+    """Stand-in for the 003 document's database record transform (arrays in a dict)."""
+    import numpy as np
+
+    values = np.asarray(record["values"], dtype=np.float64)
+    return {
+        "id": record["id"],
+        "features": np.outer(values, values).ravel(),
+        "embeddings": np.cumsum(values),
+        "metadata": {"n": len(values), "name": record["name"].upper()},
+    }
+
+
+def log_then_maybe_kill(arg: tuple[str, int]) -> int:
+    """Log one line per computation; SIGKILL the caller once at the item in ``kill_at``.
+
+    The folder holds ``kill_at`` (an item index), ``caller.pid`` (the process running the batch
+    loop) and, after the kill, the marker ``killed`` so that a rerun is not killed again.
+    """
+    folder, i = arg
+    fd = os.open(os.path.join(folder, "log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        os.write(fd, b"%d\n" % i)
+    finally:
+        os.close(fd)
+    kill_at = os.path.join(folder, "kill_at")
+    if os.path.exists(kill_at):
+        with open(kill_at) as f:
+            at = int(f.read())
+        marker = os.path.join(folder, "killed")
+        if i == at and not os.path.exists(marker):
+            open(marker, "w").close()
+            with open(os.path.join(folder, "caller.pid")) as f:
+                os.kill(int(f.read()), signal.SIGKILL)
+            time.sleep(0.1)  # the worker that killed the caller computes nothing more meanwhile
+    return i * i
+
+
+# --- tasks for tests/test_pool.py --------------------------------------------------------------
+
+
+def sleep_then_return(seconds: float) -> float:
+    """Wait ``seconds`` without using the CPU, then return them."""
+    time.sleep(seconds)
+    return seconds
+
+
+_INITIALIZED: Any = None
+
+
+def set_initialized(value: Any) -> None:
+    """A pool initializer: stores ``value`` in this worker's module global."""
+    global _INITIALIZED
+    _INITIALIZED = value
+
+
+def get_initialized(x: Any) -> tuple[Any, Any]:
+    """``(x, value set by set_initialized in this process)``."""
+    return x, _INITIALIZED
+
+
+def kwargs_echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Return the positional and keyword arguments it was called with."""
+    return args, kwargs
