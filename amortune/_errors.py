@@ -89,7 +89,7 @@ def exit_reason(exitcode: int | None) -> str:
         try:
             name = signal.Signals(-exitcode).name
         except ValueError:
-            name = f"signal {-exitcode}"
+            name = str(-exitcode)
         hint = " (the system may have killed it for using too much memory)" if name == "SIGKILL" else ""
         return f"signal {name}{hint}"
     return f"exit code {exitcode}"

@@ -131,6 +131,12 @@ def _process_chunksize(p: WorkloadProfile, n_items: int, n_jobs: int, target: fl
     return max(1, min(by_time, by_balance))
 
 
+def _thread_chunksize(p: WorkloadProfile, n_items: int, n_threads: int) -> int:
+    by_time = int(THREAD_TARGET_CHUNK_SECONDS / max(p.item_wall_seconds, 1e-9))
+    by_balance = math.ceil(n_items / (MIN_CHUNKS_PER_WORKER * n_threads))
+    return max(1, min(by_time, by_balance))
+
+
 def _tail_seconds(p: WorkloadProfile) -> float:
     # The scheduler shrinks chunks toward the end, so the last worker straggles by about one
     # item of the spread seen, not by one whole chunk.
@@ -246,9 +252,7 @@ def decide(
             c = _process_chunksize(p, max(remaining, 1), n, costs.target_chunk_seconds)
             candidates.append(("processes", n, c, predict_process_seconds(p, remaining, n, c, costs)))
     for n in _thread_counts(costs.max_threads, remaining, cores):
-        per = p.item_wall_seconds
-        c = max(1, min(int(THREAD_TARGET_CHUNK_SECONDS / max(per, 1e-9)),
-                       math.ceil(max(remaining, 1) / (MIN_CHUNKS_PER_WORKER * n))))
+        c = _thread_chunksize(p, max(remaining, 1), n)
         candidates.append(("threads", n, c, predict_thread_seconds(p, remaining, n, c)))
 
     pinned = [
@@ -261,7 +265,14 @@ def decide(
         if not pinned:
             kind = executor or ("processes" if p.picklable else "threads")
             n = n_jobs or (cores if kind != "threads" else costs.max_threads)
-            c = chunksize or 1
+            if chunksize is not None:
+                c = chunksize
+            elif kind == "processes":
+                c = _process_chunksize(p, max(remaining, 1), n, costs.target_chunk_seconds)
+            elif kind == "threads":
+                c = _thread_chunksize(p, max(remaining, 1), n)
+            else:
+                c = 1
             if kind == "processes":
                 t = predict_process_seconds(p, remaining, n, c, costs)
             elif kind == "threads":

@@ -94,9 +94,14 @@ def _load(spec: str) -> Callable[[Any], Any]:
     module, _, attr = spec.partition(":")
     if not attr:
         raise SystemExit(f"expected module:function, got {spec!r}")
-    obj: Any = importlib.import_module(module)
-    for part in attr.split("."):
-        obj = getattr(obj, part)
+    try:
+        obj: Any = importlib.import_module(module)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as exc:
+        raise SystemExit(f"amortune: cannot load {spec!r}: {exc}") from None
+    if not callable(obj):
+        raise SystemExit(f"amortune: {spec!r} is not callable")
     return obj  # type: ignore[no-any-return]
 
 

@@ -1,0 +1,193 @@
+"""Importing amortune is cheap and stdlib-only, and the modules respect the layer table.
+
+The fresh-interpreter checks run ``python -c`` in a subprocess, so modules this test session
+already imported cannot hide a heavy import. The layer check parses every module with ``ast``
+(imports inside functions included) and fails on any import of a higher layer.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import amortune
+
+PACKAGE = Path(amortune.__file__).resolve().parent
+ROOT = PACKAGE.parent
+
+HEAVY = ("numpy", "psutil", "tqdm", "cloudpickle", "torch", "dask", "distributed", "joblib")
+
+#: The import DAG from /work/shared/style.md §4: a module may import its own layer or lower.
+#: ``_schedule`` sits between the backends it drives and ``_batches``/``_pool`` that drive it.
+LAYERS: dict[str, float] = {
+    "amortune._errors": 0,
+    "amortune._config": 0,
+    "amortune._system": 1,
+    "amortune._model": 1,
+    "amortune._worker": 1,
+    "amortune._profile": 2,
+    "amortune._plan": 2,
+    "amortune._optimize": 3,
+    "amortune._spill": 3,
+    "amortune._checkpoint": 3,
+    "amortune.backends": 3,
+    "amortune.gpu": 3,
+    "amortune._schedule": 3.5,
+    "amortune._batches": 4,
+    "amortune._pool": 4,
+    "amortune": 5,
+    "amortune.cli": 5,
+    "amortune.__main__": 5,
+}
+
+
+def python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter from the repository root."""
+    return subprocess.run(
+        [sys.executable, *args, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def layer_of(module: str) -> float:
+    """The layer of ``module``: its own entry, else the entry of its nearest listed package."""
+    name = module
+    while name:
+        if name in LAYERS:
+            return LAYERS[name]
+        name = name.rpartition(".")[0]
+    raise KeyError(module)
+
+
+def package_modules() -> list[Path]:
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def imported_modules(path: Path) -> set[str]:
+    """Every ``amortune`` module ``path`` imports, anywhere in the file, as absolute names."""
+    this = module_name(path)
+    package = this if path.name == "__init__.py" else this.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] == "amortune"}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "amortune":
+                continue
+            found.add(target)
+            for alias in node.names:  # ``from . import _model`` imports a module
+                sub = f"{target}.{alias.name}"
+                if (ROOT / Path(*sub.split("."))).with_suffix(".py").exists() or (
+                    ROOT / Path(*sub.split(".")) / "__init__.py"
+                ).exists():
+                    found.add(sub)
+    found.discard(this)
+    return found
+
+
+def test_import_loads_no_heavy_or_optional_package() -> None:
+    code = (
+        "import sys, json, amortune\n"
+        f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))"
+    )
+    proc = python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
+def test_import_loads_only_the_init_module() -> None:
+    code = (
+        "import sys, json, amortune\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('amortune'))))"
+    )
+    proc = python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == ["amortune"]
+
+
+def test_every_public_name_resolves_without_optional_packages() -> None:
+    code = (
+        "import sys, json, amortune\n"
+        "missing = [n for n in amortune.__all__ if getattr(amortune, n, None) is None]\n"
+        "heavy = [m for m in ('torch', 'dask', 'distributed') if m in sys.modules]\n"
+        "print(json.dumps({'missing': missing, 'heavy': heavy, 'dir': dir(amortune)}))"
+    )
+    proc = python(code)
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["missing"] == []
+    assert out["heavy"] == []
+    assert set(amortune.__all__) <= set(out["dir"])
+
+
+def test_public_surface_is_small() -> None:
+    assert len(amortune.__all__) <= 15
+    assert len(set(amortune.__all__)) == len(amortune.__all__)
+    assert amortune.__version__
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        amortune.nope  # noqa: B018
+
+
+def test_python_m_amortune_has_a_main_guard() -> None:
+    proc = python("import amortune.__main__")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == ""
+
+
+def test_every_module_is_in_the_layer_table() -> None:
+    unknown = []
+    for path in package_modules():
+        try:
+            layer_of(module_name(path))
+        except KeyError:
+            unknown.append(module_name(path))
+    assert not unknown, f"add these modules to LAYERS in tests/test_import.py: {unknown}"
+
+
+def test_lower_layers_never_import_higher_ones() -> None:
+    violations = []
+    for path in package_modules():
+        here = module_name(path)
+        for target in sorted(imported_modules(path)):
+            if layer_of(target) > layer_of(here):
+                violations.append(
+                    f"{here} (L{layer_of(here):g}) imports {target} (L{layer_of(target):g})"
+                )
+    assert not violations, "\n".join(violations)
+
+
+def test_layer_zero_and_pure_modules_import_no_amortune_module_above_them() -> None:
+    for name in ("_errors", "_config"):
+        assert imported_modules(PACKAGE / f"{name}.py") == set(), name
+    assert imported_modules(PACKAGE / "_model.py") == set()
+
+
+def test_import_parser_sees_relative_and_lazy_imports() -> None:
+    """The layer check would notice an import hidden in a function or written relatively."""
+    found = imported_modules(PACKAGE / "_optimize.py")
+    assert {"amortune._model", "amortune._profile", "amortune.backends.local"} <= found
+    assert "amortune._errors" in imported_modules(PACKAGE / "backends" / "local.py")  # ``..``
+    batches = imported_modules(PACKAGE / "_batches.py")
+    assert "amortune._checkpoint" in batches  # imported inside a function

@@ -1,0 +1,503 @@
+"""The cost model on synthetic measurements: table-driven decisions and property tests.
+
+No processes, no clock: every profile and machine here is made up, so each decision is a pure
+function of the numbers written in the test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from amortune import _model
+from amortune._model import (
+    MIN_CHUNKS_PER_WORKER,
+    MIN_SPEEDUP,
+    Costs,
+    Decision,
+    WorkloadProfile,
+    decide,
+    estimate_safe_batch_size_for,
+    predict_process_seconds,
+    predict_thread_seconds,
+)
+
+GiB = 1 << 30
+MiB = 1 << 20
+TWO_CORES = Costs(usable_cores=2, available_memory_bytes=8 * GiB)
+
+
+def profile(
+    item_wall_seconds: float,
+    *,
+    cpu_share: float = 1.0,
+    n_sampled: int = 10,
+    **extra: float | bool | str,
+) -> WorkloadProfile:
+    """A profile of ``n_sampled`` identical items of ``item_wall_seconds`` each."""
+    fields: dict[str, object] = {
+        "in_bytes": 30.0,
+        "out_bytes": 30.0,
+        "pickle_in_seconds": 1e-6,
+        "pickle_out_seconds": 1e-6,
+        "result_memory_bytes": 32.0,
+    }
+    fields.update(extra)
+    return WorkloadProfile(
+        n_sampled=n_sampled,
+        sampled_wall_seconds=n_sampled * item_wall_seconds,
+        item_wall_seconds=item_wall_seconds,
+        item_cpu_seconds=cpu_share * item_wall_seconds,
+        **fields,  # type: ignore[arg-type]
+    )
+
+
+CPU_2MS = profile(0.002)
+SLEEP_5MS = profile(0.005, cpu_share=0.01, n_sampled=4)
+
+
+# -- table-driven decisions ---------------------------------------------------------------------
+DECISIONS = [
+    # (id, profile, items left, costs, expected executor)
+    ("1us-200k-items", profile(1e-6, n_sampled=64), 200_000 - 64, TWO_CORES, "serial"),
+    ("2ms-cpu-1000-items-2-cores", CPU_2MS, 990, TWO_CORES, "processes"),
+    ("5ms-sleep-400-items", SLEEP_5MS, 396, TWO_CORES, "threads"),
+    (
+        "1MiB-results-cheap-compute",
+        profile(1e-4, out_bytes=MiB, pickle_out_seconds=2e-4, result_memory_bytes=MiB),
+        980,
+        TWO_CORES,
+        "serial",
+    ),
+    (
+        "1MiB-results-unmeasured-pickling",  # transfer alone (pipe bandwidth) must rule it out
+        profile(1e-4, out_bytes=MiB, pickle_out_seconds=0.0, result_memory_bytes=MiB),
+        980,
+        TWO_CORES,
+        "serial",
+    ),
+    ("1MiB-inputs-cheap-compute", profile(1e-4, in_bytes=MiB, pickle_in_seconds=2e-4), 980,
+     TWO_CORES, "serial"),
+    ("1MiB-inputs-unmeasured-pickling", profile(1e-4, in_bytes=MiB, pickle_in_seconds=0.0), 980,
+     TWO_CORES, "serial"),
+    ("1-core-cpu-bound", CPU_2MS, 990, dataclasses.replace(TWO_CORES, usable_cores=1), "serial"),
+    ("1-core-heavy-cpu", profile(0.5), 10_000, dataclasses.replace(TWO_CORES, usable_cores=1),
+     "serial"),
+    ("unpicklable-cpu-bound", profile(0.002, picklable=False, not_picklable_reason="lock"), 990,
+     TWO_CORES, "serial"),
+    ("nothing-left", CPU_2MS, 0, TWO_CORES, "serial"),
+    ("one-item-left", CPU_2MS, 1, TWO_CORES, "serial"),
+]
+
+
+@pytest.mark.parametrize(
+    "p, n_items, costs, expected", [d[1:] for d in DECISIONS], ids=[d[0] for d in DECISIONS]
+)
+def test_decision_table(p: WorkloadProfile, n_items: int, costs: Costs, expected: str) -> None:
+    d = decide(p, n_items, costs)
+    assert d.executor == expected, d.reasons
+    assert d.reasons, "every decision says why"
+    if expected == "serial":
+        assert d.n_jobs == 1
+        assert d.estimated_speedup == pytest.approx(1.0)
+
+
+def test_cpu_bound_on_two_cores_uses_both_with_target_sized_chunks() -> None:
+    remaining = 990
+    d = decide(CPU_2MS, remaining, TWO_CORES)
+    assert (d.executor, d.n_jobs) == ("processes", 2)
+    per_item = CPU_2MS.item_wall_seconds + CPU_2MS.pickle_in_seconds + CPU_2MS.pickle_out_seconds
+    chunk_seconds = d.chunksize * per_item
+    target = TWO_CORES.target_chunk_seconds
+    # As close to the target as whole items allow, never over it.
+    assert chunk_seconds <= target < chunk_seconds + per_item
+    assert math.ceil(remaining / d.chunksize) >= MIN_CHUNKS_PER_WORKER * d.n_jobs
+    assert 1.2 < d.estimated_speedup <= 2.0
+    assert d.thread_cap == 1
+    assert any("processes" in r and "chunks of" in r for r in d.reasons)
+
+
+def test_chunksize_follows_target_chunk_seconds() -> None:
+    small = decide(CPU_2MS, 100_000, dataclasses.replace(TWO_CORES, target_chunk_seconds=0.01))
+    large = decide(CPU_2MS, 100_000, dataclasses.replace(TWO_CORES, target_chunk_seconds=0.2))
+    assert small.executor == large.executor == "processes"
+    assert small.chunksize == 4
+    assert large.chunksize == 99
+
+
+def test_few_items_get_at_least_min_chunks_per_worker() -> None:
+    # 2 ms items would fill a 1 s chunk with 499; with 200 items that would leave a worker idle.
+    d = decide(CPU_2MS, 200, dataclasses.replace(TWO_CORES, target_chunk_seconds=1.0))
+    assert d.executor == "processes"
+    assert d.chunksize == math.ceil(200 / (MIN_CHUNKS_PER_WORKER * d.n_jobs))
+
+
+def test_sleep_like_items_use_many_threads() -> None:
+    d = decide(SLEEP_5MS, 396, TWO_CORES)
+    assert d.executor == "threads"
+    assert d.n_jobs > TWO_CORES.usable_cores
+    assert d.n_jobs >= 16
+    assert d.n_jobs <= TWO_CORES.max_threads
+    assert d.thread_cap is None
+    assert any("threads" in r and "1%" in r for r in d.reasons)
+
+
+def test_threads_respect_max_threads() -> None:
+    d = decide(SLEEP_5MS, 396, dataclasses.replace(TWO_CORES, max_threads=8))
+    assert d.executor == "threads"
+    assert d.n_jobs <= 8
+
+
+def test_one_thread_allowed_means_no_threads() -> None:
+    d = decide(SLEEP_5MS, 396, dataclasses.replace(TWO_CORES, usable_cores=1, max_threads=1))
+    assert d.executor == "serial"
+
+
+def test_unpicklable_never_uses_processes_and_says_why() -> None:
+    p = profile(0.002, picklable=False, not_picklable_reason="TypeError: cannot pickle lock")
+    d = decide(p, 100_000, dataclasses.replace(TWO_CORES, usable_cores=16))
+    assert d.executor != "processes"
+    assert all(c[0] != "processes" for c in d.candidates)
+    assert any("cannot be pickled" in r and "cannot pickle lock" in r for r in d.reasons)
+
+
+def test_unpicklable_io_bound_may_still_use_threads() -> None:
+    p = dataclasses.replace(SLEEP_5MS, picklable=False, not_picklable_reason="lock")
+    assert decide(p, 396, TWO_CORES).executor == "threads"
+
+
+def test_warm_pool_lowers_predicted_time() -> None:
+    cold = decide(CPU_2MS, 990, TWO_CORES)
+    warm = decide(CPU_2MS, 990, dataclasses.replace(TWO_CORES, warm_workers=2))
+    assert cold.executor == warm.executor == "processes"
+    assert warm.predicted_seconds < cold.predicted_seconds
+    assert warm.estimated_speedup > cold.estimated_speedup
+
+
+def test_warm_pool_can_tip_a_marginal_workload_to_processes() -> None:
+    # Expensive cold start (spawn-like): not worth it cold, worth it with workers already up.
+    costs = dataclasses.replace(TWO_CORES, process_start_seconds=0.2, per_worker_start_seconds=0.1)
+    p = profile(0.002)
+    assert decide(p, 300, costs).executor == "serial"
+    assert decide(p, 300, dataclasses.replace(costs, warm_workers=2)).executor == "processes"
+
+
+# -- memory -------------------------------------------------------------------------------------
+def test_total_result_memory_over_budget_warns_with_advice() -> None:
+    p = profile(0.002, result_memory_bytes=10 * MiB)
+    d = decide(p, 990, TWO_CORES)  # 1000 x 10 MiB = 9.8 GiB > 50% of 8 GiB
+    (warning,) = d.warnings
+    assert "Result memory exceeds safety threshold" in warning
+    assert f"batch_size={d.batch_size}" in warning
+    assert d.batch_size == estimate_safe_batch_size_for(10 * MiB, 0.5, 8 * GiB) == 409
+
+
+def test_result_memory_within_budget_does_not_warn() -> None:
+    p = profile(0.002, result_memory_bytes=1 * MiB)
+    d = decide(p, 990, TWO_CORES)  # ~1 GiB of 4 GiB budget
+    assert d.warnings == ()
+    assert d.batch_size == 1000  # capped at the number of items
+
+
+def test_unknown_length_never_claims_the_total_exceeds() -> None:
+    p = profile(0.002, result_memory_bytes=10 * MiB)
+    d = decide(p, 4096, TWO_CORES, n_items_known=False)
+    assert not any("exceeds" in w for w in d.warnings)
+    assert d.batch_size == 409
+
+
+def test_single_result_over_budget_warns_and_caps_workers() -> None:
+    p = profile(0.002, result_memory_bytes=5 * GiB)
+    d = decide(p, 990, TWO_CORES)
+    assert any("Result memory exceeds safety threshold" in w for w in d.warnings)
+    assert any("single result" in w and "larger than the memory budget" in w for w in d.warnings)
+    assert d.batch_size == 1
+    assert d.executor == "serial"
+    assert any("memory allows 1 worker" in r for r in d.reasons)
+
+
+def test_worker_footprint_caps_n_jobs_with_a_reason() -> None:
+    costs = Costs(usable_cores=8, available_memory_bytes=200 * MiB)  # budget 100 MiB, 48 MiB each
+    d = decide(CPU_2MS, 990, costs)
+    assert d.executor == "processes"
+    assert d.n_jobs == 2
+    assert any("memory allows 2 worker(s)" in r for r in d.reasons)
+    assert max(c[1] for c in d.candidates if c[0] == "processes") == 2
+    roomy = decide(CPU_2MS, 990, dataclasses.replace(costs, available_memory_bytes=64 * GiB))
+    assert roomy.n_jobs > 2
+    assert not any("memory allows" in r for r in roomy.reasons)
+
+
+# -- estimate_safe_batch_size_for (the 003 formula) --------------------------------------------
+@pytest.mark.parametrize(
+    "result_size, fraction, available, expected",
+    [
+        (10e6, 0.5, 16e9, 800),  # the 003 example: 8000 MB / 10 MB = 800 items
+        (10 * MiB, 0.5, 16 * GiB, 819),  # the same in binary units (the doctest)
+        (10 * MiB, 1.0, 16 * GiB, 1638),
+        (3, 0.5, 10, 1),
+        (100, 0.5, 10, 1),  # never below 1
+        (1, 1.0, 1000, 1000),
+    ],
+)
+def test_estimate_safe_batch_size_formula(
+    result_size: float, fraction: float, available: float, expected: int
+) -> None:
+    assert estimate_safe_batch_size_for(result_size, fraction, int(available)) == expected
+
+
+def test_estimate_safe_batch_size_zero_result_is_unbounded_but_positive() -> None:
+    assert estimate_safe_batch_size_for(0, 0.5, 8 * GiB) >= 1
+    assert estimate_safe_batch_size_for(0, 0.5, 0) == 1
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.1, 1.01, 50, float("nan")])
+def test_estimate_safe_batch_size_rejects_bad_fraction(fraction: float) -> None:
+    with pytest.raises(ValueError, match="max_memory_percent"):
+        estimate_safe_batch_size_for(1024, fraction, GiB)
+
+
+def test_estimate_safe_batch_size_rejects_negative_size() -> None:
+    with pytest.raises(ValueError, match="result_size_bytes"):
+        estimate_safe_batch_size_for(-1, 0.5, GiB)
+
+
+# -- pinned choices -----------------------------------------------------------------------------
+def test_pinned_n_jobs_is_honoured() -> None:
+    d = decide(CPU_2MS, 990, dataclasses.replace(TWO_CORES, usable_cores=8), n_jobs=3)
+    assert d.n_jobs == 3
+    assert any("as requested" in r for r in d.reasons)
+
+
+def test_pinned_n_jobs_one_means_serial() -> None:
+    d = decide(CPU_2MS, 990, TWO_CORES, n_jobs=1)
+    assert (d.executor, d.n_jobs) == ("serial", 1)
+
+
+@pytest.mark.parametrize("executor", ["serial", "processes", "threads"])
+def test_pinned_executor_is_honoured(executor: str) -> None:
+    d = decide(profile(1e-6, n_sampled=64), 100_000, TWO_CORES, executor=executor)
+    assert d.executor == executor
+    assert d.chunksize >= 1
+
+
+def test_pinned_executor_and_n_jobs_beyond_the_candidates() -> None:
+    d = decide(CPU_2MS, 990, TWO_CORES, executor="processes", n_jobs=5)
+    assert (d.executor, d.n_jobs) == ("processes", 5)
+    d = decide(SLEEP_5MS, 396, TWO_CORES, executor="threads", n_jobs=3)
+    assert (d.executor, d.n_jobs) == ("threads", 3)
+
+
+def test_pinned_chunksize_is_honoured_and_repredicted() -> None:
+    free = decide(CPU_2MS, 990, TWO_CORES)
+    pinned = decide(CPU_2MS, 990, TWO_CORES, chunksize=7)
+    assert pinned.executor == free.executor == "processes"
+    assert pinned.chunksize == 7
+    assert pinned.predicted_seconds != free.predicted_seconds
+    expected = CPU_2MS.sampled_wall_seconds + predict_process_seconds(
+        CPU_2MS, 990, pinned.n_jobs, 7, TWO_CORES
+    )
+    assert pinned.predicted_seconds == pytest.approx(expected)
+
+
+def test_pinned_executor_with_default_chunksize_is_not_one_item_per_chunk() -> None:
+    # Pinning only the worker count should not fall back to one item per chunk (150 us dispatch
+    # each); the chunk rule that applies when nothing is pinned should still size the chunks.
+    d = decide(profile(1e-5), 100_000, TWO_CORES, executor="processes", n_jobs=3)
+    assert d.chunksize > 1
+
+
+def test_estimated_speedup_is_serial_over_predicted() -> None:
+    for p, n in ((CPU_2MS, 990), (SLEEP_5MS, 396), (profile(1e-6), 10_000)):
+        d = decide(p, n, TWO_CORES)
+        assert d.estimated_speedup == pytest.approx(d.predicted_serial_seconds / d.predicted_seconds)
+        assert d.predicted_serial_seconds == pytest.approx(
+            p.sampled_wall_seconds + n * p.item_wall_seconds
+        )
+
+
+def test_decision_depends_only_on_the_numbers() -> None:
+    """No hidden input (such as "numpy is imported"): same numbers, same decision."""
+    params = list(inspect.signature(decide).parameters)
+    assert params == ["p", "n_items", "costs", "n_items_known", "n_jobs", "chunksize", "executor"]
+    first = decide(CPU_2MS, 990, TWO_CORES)
+    import numpy  # noqa: F401  # importing numpy must not change anything
+
+    assert decide(CPU_2MS, 990, TWO_CORES) == first
+    # Equal numbers built separately give an equal decision.
+    assert decide(dataclasses.replace(CPU_2MS), 990, dataclasses.replace(TWO_CORES)) == first
+
+
+def test_model_module_is_pure() -> None:
+    """The model imports only ``math`` and ``dataclasses``: no clock, no OS, no I/O."""
+    import ast
+
+    tree = ast.parse(inspect.getsource(_model))
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            imported.add(node.module.split(".")[0])
+    assert imported <= {"__future__", "math", "dataclasses"}, imported
+
+
+def test_decision_is_frozen() -> None:
+    d = decide(CPU_2MS, 990, TWO_CORES)
+    assert isinstance(d, Decision)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        d.n_jobs = 4  # type: ignore[misc]
+
+
+# -- properties ---------------------------------------------------------------------------------
+@st.composite
+def profiles(draw: st.DrawFn) -> WorkloadProfile:
+    n = draw(st.integers(1, 200))
+    wall = draw(st.floats(1e-8, 2.0))
+    return WorkloadProfile(
+        n_sampled=n,
+        sampled_wall_seconds=n * wall,
+        item_wall_seconds=wall,
+        item_cpu_seconds=wall * draw(st.floats(0.0, 1.0)),
+        item_wall_cv=draw(st.floats(0.0, 5.0)),
+        max_item_wall_seconds=wall,
+        in_bytes=draw(st.floats(0.0, 1e8)),
+        out_bytes=draw(st.floats(0.0, 1e8)),
+        pickle_in_seconds=draw(st.floats(0.0, 0.05)),
+        pickle_out_seconds=draw(st.floats(0.0, 0.05)),
+        result_memory_bytes=draw(st.one_of(st.just(0.0), st.floats(1.0, 1e10))),
+        picklable=draw(st.booleans()),
+        not_picklable_reason="x",
+    )
+
+
+@st.composite
+def machines(draw: st.DrawFn) -> Costs:
+    return Costs(
+        usable_cores=draw(st.integers(1, 256)),
+        available_memory_bytes=draw(st.integers(1 << 20, 1 << 42)),
+        memory_fraction=draw(st.floats(0.01, 1.0)),
+        process_start_seconds=draw(st.floats(0.0, 1.0)),
+        per_worker_start_seconds=draw(st.floats(0.0, 0.1)),
+        warm_workers=draw(st.integers(0, 256)),
+        max_threads=draw(st.integers(1, 256)),
+        target_chunk_seconds=draw(st.floats(1e-4, 2.0)),
+    )
+
+
+items = st.integers(0, 10**8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(p=profiles(), n=items, costs=machines(), known=st.booleans())
+def test_decision_invariants(p: WorkloadProfile, n: int, costs: Costs, known: bool) -> None:
+    d = decide(p, n, costs, n_items_known=known)
+    assert d.executor in ("serial", "processes", "threads")
+    assert d.chunksize >= 1
+    assert d.batch_size >= 1
+    assert d.n_jobs >= 1
+    assert d.predicted_seconds >= 0
+    assert d.predicted_serial_seconds >= 0
+    assert d.reasons
+    if d.executor == "serial":
+        assert d.n_jobs == 1
+        assert d.predicted_seconds == pytest.approx(d.predicted_serial_seconds)
+    else:
+        # Parallel must beat serial by MIN_SPEEDUP on the part still to run.
+        rest = d.predicted_seconds - p.sampled_wall_seconds
+        serial_rest = d.predicted_serial_seconds - p.sampled_wall_seconds
+        assert rest * MIN_SPEEDUP <= serial_rest * (1 + 1e-9)
+        assert d.estimated_speedup >= 1.0
+        assert d.chunksize <= max(1, math.ceil(n / (MIN_CHUNKS_PER_WORKER * d.n_jobs)))
+    if d.executor == "processes":
+        assert p.picklable
+        assert 2 <= d.n_jobs <= costs.usable_cores
+        assert d.thread_cap is not None and d.thread_cap * d.n_jobs <= costs.usable_cores
+    if d.executor == "threads":
+        assert 2 <= d.n_jobs <= costs.max_threads
+    if costs.usable_cores == 1:
+        assert d.executor != "processes"
+    if known:
+        assert d.batch_size <= max(1, n + p.n_sampled)
+
+
+@settings(max_examples=200, deadline=None)
+@given(p=profiles(), n=items, costs=machines(), pin=st.data())
+def test_pinned_invariants(p: WorkloadProfile, n: int, costs: Costs, pin: st.DataObject) -> None:
+    n_jobs = pin.draw(st.one_of(st.none(), st.integers(1, 64)))
+    chunksize = pin.draw(st.one_of(st.none(), st.integers(1, 10_000)))
+    executor = pin.draw(st.sampled_from([None, "serial", "processes", "threads"]))
+    d = decide(p, n, costs, n_jobs=n_jobs, chunksize=chunksize, executor=executor)
+    assert d.chunksize >= 1 and d.batch_size >= 1 and d.predicted_seconds >= 0
+    if executor is not None:
+        assert d.executor == executor
+    if n_jobs is not None and d.executor != "serial":
+        assert d.n_jobs == n_jobs
+    if chunksize is not None and d.executor != "serial":
+        assert d.chunksize == chunksize
+
+
+@settings(max_examples=200, deadline=None)
+@given(p=profiles(), n=items, costs=machines(), factor=st.floats(1.0, 100.0))
+def test_more_work_per_item_never_predicts_less_time(
+    p: WorkloadProfile, n: int, costs: Costs, factor: float
+) -> None:
+    heavier = dataclasses.replace(
+        p,
+        item_wall_seconds=p.item_wall_seconds * factor,
+        item_cpu_seconds=p.item_cpu_seconds * factor,
+        sampled_wall_seconds=p.sampled_wall_seconds * factor,
+    )
+    light, heavy = decide(p, n, costs), decide(heavier, n, costs)
+    assert heavy.predicted_serial_seconds >= light.predicted_serial_seconds
+    jobs = max(1, min(costs.usable_cores, 64))
+    for c in (1, 7, 1000):
+        assert predict_process_seconds(heavier, n, jobs, c, costs) >= predict_process_seconds(
+            p, n, jobs, c, costs
+        )
+        assert predict_thread_seconds(heavier, n, 8, c) >= predict_thread_seconds(p, n, 8, c)
+
+
+@settings(max_examples=200, deadline=None)
+@given(p=profiles(), n=items, costs=machines(), n_jobs=st.integers(1, 256),
+       chunksize=st.integers(1, 10**6), more=st.integers(0, 256))
+def test_warmer_pool_never_predicts_more_time(
+    p: WorkloadProfile, n: int, costs: Costs, n_jobs: int, chunksize: int, more: int
+) -> None:
+    warmer = dataclasses.replace(costs, warm_workers=costs.warm_workers + more)
+    t_cold = predict_process_seconds(p, n, n_jobs, chunksize, costs)
+    t_warm = predict_process_seconds(p, n, n_jobs, chunksize, warmer)
+    assert 0 <= t_warm <= t_cold
+    assert decide(p, n, warmer).predicted_seconds <= decide(p, n, costs).predicted_seconds * (
+        1 + 1e-9
+    )
+
+
+@settings(max_examples=200, deadline=None)
+@given(p=profiles(), n=items, costs=machines(), n_jobs=st.integers(1, 256),
+       chunksize=st.integers(1, 10**6))
+def test_predictions_are_non_negative(
+    p: WorkloadProfile, n: int, costs: Costs, n_jobs: int, chunksize: int
+) -> None:
+    assert predict_process_seconds(p, n, n_jobs, chunksize, costs) >= 0
+    assert predict_thread_seconds(p, n, n_jobs, chunksize) >= 0
+    assert predict_process_seconds(p, 0, n_jobs, chunksize, costs) == 0
+    assert predict_thread_seconds(p, 0, n_jobs, chunksize) == 0
+
+
+@settings(max_examples=100, deadline=None)
+@given(size=st.floats(1.0, 1e12), fraction=st.floats(0.001, 1.0),
+       available=st.integers(0, 1 << 44))
+def test_estimate_safe_batch_size_fits_the_budget(
+    size: float, fraction: float, available: int
+) -> None:
+    b = estimate_safe_batch_size_for(size, fraction, available)
+    assert b >= 1
+    if b > 1:
+        assert b * size <= fraction * available * (1 + 1e-9)
+        assert (b + 1) * size > fraction * available * (1 - 1e-9)
