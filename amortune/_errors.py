@@ -48,6 +48,9 @@ class TaskTimeoutError(AmortuneError, TimeoutError):
         super().__init__(message)
         self.indices = indices
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (TaskTimeoutError, (str(self), self.indices))
+
 
 class WorkerCrashedError(AmortuneError, BrokenProcessPool):
     """A worker process died while it held a chunk.
@@ -68,6 +71,14 @@ class WorkerCrashedError(AmortuneError, BrokenProcessPool):
         self.exitcode = exitcode
         self.indices = indices
         self.rss_bytes = rss_bytes
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_crash, (str(self), self.exitcode, self.indices, self.rss_bytes))
+
+
+def _rebuild_crash(message: str, exitcode: int | None, indices: tuple[int, ...],
+                   rss_bytes: int | None) -> WorkerCrashedError:
+    return WorkerCrashedError(message, exitcode=exitcode, indices=indices, rss_bytes=rss_bytes)
 
 
 class RemoteTraceback(Exception):

@@ -119,8 +119,8 @@ def estimate_safe_batch_size_for(
         raise ValueError(f"max_memory_percent must be in (0, 1], got {max_memory_percent!r}")
     if result_size_bytes < 0:
         raise ValueError(f"result_size_bytes must be >= 0, got {result_size_bytes!r}")
-    if result_size_bytes == 0:
-        return max(1, available_memory_bytes)
+    if result_size_bytes < 1:  # an empty result still occupies its slot in the list
+        result_size_bytes = 1
     return max(1, int(max_memory_percent * available_memory_bytes // result_size_bytes))
 
 

@@ -143,13 +143,15 @@ def optimize(
     executor: str | None = None,
     max_memory_percent: float | None = None,
     config: Config | None = None,
-    **unused: Any,
+    profile: bool = False,
 ) -> OptimizationResult:
     """Measure ``func`` on the first items of ``data`` and decide how to map it; run nothing else.
 
     Returns an :class:`OptimizationResult` with ``n_jobs``, ``chunksize``, ``batch_size``,
     ``executor``, ``estimated_speedup``, ``reasons`` and ``warnings``; its ``data`` is the input
-    with the sampled items chained back, so a generator is not lost.
+    with the sampled items chained back, so a generator is not lost. ``profile`` is accepted for
+    code written against the batch-processing document; the plan always carries its measurements
+    (``plan.profile``, ``plan.explain()``).
 
     Examples
     --------
