@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 from ._config import Config
 from ._errors import add_note
+from ._model import PROCESS_DISPATCH_SECONDS, THREAD_DISPATCH_SECONDS
 from ._optimize import PlannedRun, plan_run
 from ._profile import count_items
 from ._schedule import ChunkPolicy, RunStats, run_chunks
@@ -130,7 +131,9 @@ def stream_results(
     if max_items_in_flight is None and per_item > 0:
         budget = config.memory_fraction * run.system.available_memory_bytes
         max_items_in_flight = max(n_workers * 2, int(budget // per_item))
-    policy = ChunkPolicy(plan.chunksize, n_workers, config.target_chunk_seconds)
+    dispatch = PROCESS_DISPATCH_SECONDS if backend.kind == "processes" else THREAD_DISPATCH_SECONDS
+    policy = ChunkPolicy(plan.chunksize, n_workers, config.target_chunk_seconds,
+                         dispatch_seconds=dispatch)
     try:
         yield from run_chunks(
             backend, fn, items,

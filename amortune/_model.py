@@ -126,7 +126,8 @@ def estimate_safe_batch_size_for(
 
 def _process_chunksize(p: WorkloadProfile, n_items: int, n_jobs: int, target: float) -> int:
     per_item = p.item_wall_seconds + p.pickle_in_seconds + p.pickle_out_seconds
-    by_time = max(1, int(target / max(per_item, 1e-9)))
+    # No chunk shorter than one round of dispatches: the caller hands out every chunk.
+    by_time = max(1, int(max(target, n_jobs * PROCESS_DISPATCH_SECONDS) / max(per_item, 1e-9)))
     by_balance = max(1, math.ceil(n_items / (MIN_CHUNKS_PER_WORKER * n_jobs)))
     return max(1, min(by_time, by_balance))
 

@@ -13,11 +13,12 @@ decisions can be driven by virtual workers on a virtual clock for any number of 
 
 from __future__ import annotations
 
+import collections
 import heapq
 import itertools
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
@@ -35,30 +36,45 @@ MAX_STEP = 2.0
 #: Near the end a chunk holds at most remaining / (TAIL_FACTOR * workers) items (guided
 #: self-scheduling), so the last chunks are small and no worker straggles on a big one.
 TAIL_FACTOR = 2
+#: Without a memory budget, the reorder window holds at most this many times the unfinished-chunk
+#: bound (a chunk-count cap alone stalls every worker behind one slow head chunk).
+REORDER_CHUNKS_PER_SLOT = 16
 #: Base delay before re-running a chunk that failed with a ``retry_on`` exception; doubles per try.
 RETRY_BACKOFF_SECONDS = 0.05
 
 
 class ChunkPolicy:
-    """Chunk sizes that follow measured chunk durations; pure and deterministic."""
+    """Chunk sizes that follow measured chunk durations; pure and deterministic.
+
+    One caller dispatches every chunk (``dispatch_seconds`` each), so chunks shorter than one
+    round of dispatches (``n_workers * dispatch_seconds``) only make workers wait for the caller:
+    that is the floor of both the target and the tail's shrinking, and the floor never exceeds
+    ``MAX_STEP`` times the largest chunk measured so far (its item time may be stale when costs
+    grow along the input).
+    """
 
     def __init__(self, initial: int, n_workers: int, target_chunk_seconds: float,
-                 *, max_size: int | None = None) -> None:
+                 *, max_size: int | None = None, dispatch_seconds: float = 0.0) -> None:
         self.size = max(1, initial)
         self.n_workers = max(1, n_workers)
-        self.target = target_chunk_seconds
+        self.min_seconds = self.n_workers * max(dispatch_seconds, 0.0)
+        self.target = max(target_chunk_seconds, self.min_seconds)
         self.max_size = max_size
         self.item_seconds: float | None = None
+        self.largest = 0
 
     def observe(self, n_items: int, seconds: float) -> None:
         """Feed back how long a chunk of ``n_items`` took to run."""
         if n_items <= 0:
             return
+        self.largest = max(self.largest, n_items)
         per = max(seconds, 0.0) / n_items
         self.item_seconds = per if self.item_seconds is None else (
             EMA_ALPHA * per + (1 - EMA_ALPHA) * self.item_seconds)
-        ideal = self.target / max(self.item_seconds, 1e-9)
-        self.size = max(1, int(min(max(ideal, self.size / MAX_STEP), self.size * MAX_STEP)))
+        ideal = self.target / max(self.item_seconds, 1e-12)
+        lo = max(1, math.ceil(self.size / MAX_STEP))
+        hi = max(self.size + 1, int(self.size * MAX_STEP))
+        self.size = max(1, min(max(int(ideal), lo), hi))
         if self.max_size is not None:
             self.size = min(self.size, self.max_size)
 
@@ -66,7 +82,11 @@ class ChunkPolicy:
         """Size of the next chunk given how many items are left (``None``: unknown)."""
         size = self.size
         if remaining is not None:
-            size = min(size, max(1, math.ceil(remaining / (TAIL_FACTOR * self.n_workers))), remaining)
+            tail = math.ceil(remaining / (TAIL_FACTOR * self.n_workers))
+            if self.item_seconds and self.min_seconds:
+                floor = math.ceil(self.min_seconds / max(self.item_seconds, 1e-12))
+                tail = max(tail, min(floor, int(MAX_STEP * self.largest)))
+            size = min(size, tail, remaining)
         return max(1, size)
 
 
@@ -106,16 +126,20 @@ def run_chunks(
     max_items_in_flight: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     stats: RunStats | None = None,
-) -> Iterator[list[Any]]:
+) -> Generator[list[Any], None, None]:
     """Run ``fn`` over ``items`` on ``backend``; yield result lists in input order.
 
-    At most ``max_chunks_in_flight`` chunks and ``max_items_in_flight`` items are submitted but
-    not yet yielded, so memory stays bounded for an endless input. The first failing item (in
+    At most ``max_chunks_in_flight`` chunks (default ``2 * capacity + 1``) are unfinished, which
+    keeps every worker fed. Finished results wait for earlier chunks in a reorder window bounded
+    by ``max_items_in_flight`` items (the memory budget), or by ``REORDER_CHUNKS_PER_SLOT`` times
+    the chunk bound when no budget is given, so memory stays bounded for an endless input while
+    one slow chunk at the head does not stall the workers behind it. The first failing item (in
     input order) raises once every earlier item has been yielded.
     """
     stats = stats if stats is not None else RunStats()
-    max_chunks = max_chunks_in_flight or 2 * backend.capacity() + 2
+    max_chunks = max_chunks_in_flight or 2 * backend.capacity() + 1
     max_items = max_items_in_flight or (1 << 62)
+    max_window = (1 << 62) if max_items_in_flight else REORDER_CHUNKS_PER_SLOT * max_chunks
     window: dict[int, _Chunk] = {}
     futures: dict[Future[ChunkOutcome], _Chunk] = {}
     delayed: list[tuple[float, int, _Chunk]] = []
@@ -134,8 +158,9 @@ def run_chunks(
 
     try:
         while True:
-            while (not exhausted and failed_at is None and len(window) < max_chunks
-                   and unyielded_items < max_items):
+            while (not exhausted and failed_at is None
+                   and len(futures) + len(delayed) < max_chunks
+                   and unyielded_items < max_items and len(window) < max_window):
                 size = policy.next_size(remaining)
                 batch = list(itertools.islice(items, size))
                 if not batch:
@@ -148,8 +173,10 @@ def run_chunks(
                 if remaining is not None:
                     remaining = max(0, remaining - len(batch))
                 submit(chunk)
+            yielded = False
             while next_yield in window and (window[next_yield].outcome is not None
                                             or window[next_yield].error is not None):
+                yielded = True
                 chunk = window.pop(next_yield)
                 if chunk.error is not None:
                     raise chunk.error
@@ -162,6 +189,8 @@ def run_chunks(
                 if exhausted or failed_at is not None:
                     return
                 continue
+            if yielded and not exhausted and failed_at is None:
+                continue  # room was freed: refill before waiting
             now = time.perf_counter()
             while delayed and delayed[0][0] <= now:
                 submit(heapq.heappop(delayed)[2])
@@ -225,28 +254,35 @@ def simulate(
 ) -> tuple[float, int]:
     """Run the scheduler's decisions on virtual workers with a virtual clock.
 
-    Each chunk costs the sum of its items plus ``overhead_seconds``; chunks go to the worker that
-    frees first, with the same in-flight bound and feedback as :func:`run_chunks`. Returns
+    Step for step as :func:`run_chunks`: at most ``max_chunks_in_flight`` (default ``2P + 1``)
+    chunks are unfinished, chunk sizes come from the same :class:`ChunkPolicy`, and one caller
+    dispatches chunks serially, ``overhead_seconds`` each, to idle workers in order. Returns
     ``(makespan, chunks)``.
     """
-    policy = ChunkPolicy(initial_chunksize, n_workers, target_chunk_seconds)
     n = len(item_seconds)
     prefix = list(itertools.accumulate(item_seconds, initial=0.0))
-    idle = list(range(n_workers))
-    running: list[tuple[float, int, float, int]] = []  # (finish time, n_items, cost, worker)
-    pos = chunks = 0
-    now = makespan = 0.0
-    max_chunks = max_chunks_in_flight or n_workers + 1
-    while pos < n or running:
-        while pos < n and idle and len(running) < max_chunks:
-            w = idle.pop()
+    policy = ChunkPolicy(initial_chunksize, n_workers, target_chunk_seconds,
+                         dispatch_seconds=overhead_seconds)
+    max_unfinished = max_chunks_in_flight or 2 * n_workers + 1
+    queue: collections.deque[tuple[int, int]] = collections.deque()
+    running: list[tuple[float, int, int, int]] = []  # (finish, order, start, size)
+    order = itertools.count()
+    now = caller_free = 0.0
+    idle, pos, chunks = n_workers, 0, 0
+    while True:
+        while pos < n and len(queue) + len(running) < max_unfinished:
             size = policy.next_size(n - pos)
-            cost = prefix[pos + size] - prefix[pos] + overhead_seconds
-            heapq.heappush(running, (now + cost, size, cost, w))
+            queue.append((pos, size))
             pos += size
-            chunks += 1
-        now, size, cost, w = heapq.heappop(running)
-        makespan = max(makespan, now)
-        policy.observe(size, cost)
-        idle.append(w)
-    return makespan, chunks
+        while idle and queue:
+            start, size = queue.popleft()
+            caller_free = max(now, caller_free) + overhead_seconds
+            work = prefix[start + size] - prefix[start]
+            heapq.heappush(running, (caller_free + work, next(order), start, size))
+            idle -= 1
+        if not running:
+            return now, chunks
+        now, _, start, size = heapq.heappop(running)
+        idle += 1
+        chunks += 1
+        policy.observe(size, prefix[start + size] - prefix[start])
