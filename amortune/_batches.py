@@ -528,9 +528,10 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config,
             _say(verbose, f"Batch {seq + 1}: items {start}-{start + count - 1} ({count} items, "
                           f"{start + count}{of_total} done) in {time.perf_counter() - t0:.2f} s, "
                           f"memory {_fmt_bytes(rss)}")
-            if rss - baseline_rss > budget and batch_size > 1:
+            kept = len(collected) * per_result  # results returned as a list are meant to stay
+            if rss - baseline_rss - kept > budget and batch_size > 1:
                 batch_size = max(1, batch_size // 2)
-                warnings.warn(f"memory grew to {_fmt_bytes(rss - baseline_rss)} above the start, "
+                warnings.warn(f"memory grew to {_fmt_bytes(rss - baseline_rss - kept)} above the start, "
                               f"more than the budget of {_fmt_bytes(budget)}; next batches hold "
                               f"{batch_size} items", AmortuneWarning, stacklevel=3)
             seq += 1

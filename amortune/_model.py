@@ -29,15 +29,19 @@ __all__ = [
 #: shared machine (±10% on the reference box) and the model's own error (±25% target) can turn a
 #: predicted gain into a loss.
 MIN_SPEEDUP = 1.2
+#: Below this much serial work nothing parallel can pay: even a warm pool's dispatch, transfer and
+#: the last item's straggle eat most of the few milliseconds it could save. Sampling does not
+#: measure transfer costs below it, so the model must not consider parallel plans there.
+PARALLEL_FLOOR_SECONDS = 0.01
 #: Caller-side cost of one chunk round trip to a worker process (manager thread, two pipe messages,
 #: task bookkeeping): 120-180 µs measured with empty chunks.
 PROCESS_DISPATCH_SECONDS = 150e-6
 #: Handing one chunk to a thread and back through a future: 20-40 µs measured.
 THREAD_DISPATCH_SECONDS = 30e-6
-#: Starting one more thread in a ThreadPoolExecutor: ~60 µs measured.
-THREAD_START_SECONDS = 60e-6
-#: Pipe throughput between caller and worker (send_bytes/recv_bytes of 1-64 MB): ~1.5 GB/s measured.
-PIPE_BYTES_PER_SECOND = 1.5e9
+#: Starting one more thread in a ThreadPoolExecutor: 85-800 µs measured (benchmarks/calibrate.py).
+THREAD_START_SECONDS = 150e-6
+#: Pipe throughput between caller and worker (send_bytes/recv_bytes of 1-64 MB): 0.5-1.4 GB/s.
+PIPE_BYTES_PER_SECOND = 1.0e9
 #: Unpickling costs about as much as pickling for arrays and common containers.
 UNPICKLE_OVER_PICKLE = 1.0
 #: Resident memory of an idle worker (interpreter + amortune + cloudpickle): ~25 MB measured; a
@@ -241,7 +245,8 @@ def decide(
 
     candidates: list[tuple[str, int, int, float]] = [("serial", 1, 1, serial_rest)]
     footprint_cap = cores
-    if p.picklable:
+    worth_it = serial_rest > PARALLEL_FLOOR_SECONDS
+    if p.picklable and worth_it:
         chunk_guess = _process_chunksize(p, max(remaining, 1), cores, costs.target_chunk_seconds)
         footprint = WORKER_BASE_BYTES + 2 * chunk_guess * (p.in_bytes + p.result_memory_bytes)
         footprint_cap = max(1, int(budget // max(footprint, 1)))
@@ -252,7 +257,7 @@ def decide(
         for n in range(2, min(cores, footprint_cap) + 1):
             c = _process_chunksize(p, max(remaining, 1), n, costs.target_chunk_seconds)
             candidates.append(("processes", n, c, predict_process_seconds(p, remaining, n, c, costs)))
-    for n in _thread_counts(costs.max_threads, remaining, cores):
+    for n in _thread_counts(costs.max_threads, remaining, cores) if worth_it else ():
         c = _thread_chunksize(p, max(remaining, 1), n)
         candidates.append(("threads", n, c, predict_thread_seconds(p, remaining, n, c)))
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from ._config import Config
 from ._errors import add_note
-from ._model import WorkloadProfile
+from ._model import PARALLEL_FLOOR_SECONDS, WorkloadProfile
 
 __all__ = ["Sampled", "sample", "result_nbytes", "count_items"]
 
@@ -130,10 +130,11 @@ def sample(
     data: Iterable[Any],
     config: Config,
     *,
-    parallel_floor_seconds: float = 0.01,
+    parallel_floor_seconds: float = PARALLEL_FLOOR_SECONDS,
     on_first_item: Callable[[float, float, int | None], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     cpu_clock: Callable[[], float] = time.process_time,
+    runqueue_clock: Callable[[], float] | None = None,
 ) -> Sampled:
     """Run ``func`` on the first items of ``data`` and measure it.
 
@@ -141,7 +142,9 @@ def sample(
     is measured only when the rest of the work could pay for parallel execution (more than
     ``parallel_floor_seconds`` of predicted serial time), so a trivial map spends nothing on it.
     ``on_first_item(wall_seconds, cpu_seconds, n_total)`` is called after the first item, so the
-    caller can start workers while the rest of the sample runs.
+    caller can start workers while the rest of the sample runs. ``runqueue_clock`` (default: the
+    kernel's per-thread run-queue time) lets the time the caller waited for a busy CPU be told
+    apart from time the function spent waiting.
     An exception from ``func`` propagates with the item's index in a note.
     """
     n_total = count_items(data)
@@ -150,6 +153,9 @@ def sample(
     inputs: list[Any] = []
     walls: list[float] = []
     cpus: list[float] = []
+    if runqueue_clock is None:
+        runqueue_clock = _runqueue_seconds
+    rq_start = runqueue_clock()
     cpu_start = cpu_clock()
     start = clock()
     deadline = start + config.sample_seconds
@@ -173,6 +179,7 @@ def sample(
             break
     sampled_wall = clock() - start
     sampled_cpu = cpu_clock() - cpu_start
+    runqueue = max(0.0, runqueue_clock() - rq_start)
     n = len(results)
 
     read_ahead: list[Any] = []
@@ -189,16 +196,19 @@ def sample(
     if n > 1 and mean_wall > 0:
         mean_each = statistics.fmean(walls)
         cv = math.sqrt(statistics.fmean([(w - mean_each) ** 2 for w in walls])) / mean_wall
-    if n >= ROBUST_MIN_ITEMS:
-        # One long wait among the sampled items is more likely the OS parking the caller than
-        # the function's cost (a 10 ms stall among 64 items of 1 µs made them look I/O-bound):
-        # take the mean CPU time plus the mean wait without its largest value.
+    if n:
+        # An item's cost is its CPU time plus the time it really waited (sleep, I/O). Time the
+        # caller sat in the run queue because other processes held the cores is not the
+        # function's: on a busy machine it made CPU-bound items look I/O-bound. One long wait
+        # among five or more items is also more likely the OS parking the caller than the
+        # function (a 10 ms stall among 64 items of 1 µs), so it is dropped.
         cpu_each = [min(c, w) for c, w in zip(cpus, walls, strict=True)]
         waits = [w - c for c, w in zip(cpu_each, walls, strict=True)]
-        typical = statistics.fmean(cpu_each) + (sum(waits) - max(waits)) / (len(waits) - 1)
-        if typical < mean_wall:
-            mean_wall = typical
-            mean_cpu = min(mean_cpu, statistics.fmean(cpu_each))
+        wait = max(0.0, sum(waits) - runqueue) / n
+        if n >= ROBUST_MIN_ITEMS:
+            wait = min(wait, (sum(waits) - max(waits)) / (n - 1))
+        mean_cpu = min(mean_cpu, statistics.fmean(cpu_each))
+        mean_wall = min(mean_wall, mean_cpu + wait)
     in_b = out_b = in_s = out_s = 0.0
     func_bytes: bytes | None = None
     picklable, why = True, ""
@@ -229,6 +239,15 @@ def sample(
         not_picklable_reason=why,
     )
     return Sampled(profile, results, inputs, read_ahead, it, n_remaining, known, func_bytes)
+
+
+def _runqueue_seconds() -> float:
+    """Seconds this thread has waited for a CPU (Linux schedstat), 0.0 where unavailable."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _read_ahead(it: Iterator[Any], sampled_inputs: list[Any]) -> tuple[list[Any], int]:
