@@ -23,7 +23,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
-from ._errors import TaskTimeoutError, WorkerCrashedError
+from ._errors import TaskTimeoutError, WorkerCrashedError, add_note, describe_indices
 from .backends._base import Backend, ChunkOutcome, FunctionRef
 
 __all__ = ["ChunkPolicy", "RunStats", "run_chunks", "simulate"]
@@ -72,7 +72,7 @@ class ChunkPolicy:
         self.item_seconds = per if self.item_seconds is None else (
             EMA_ALPHA * per + (1 - EMA_ALPHA) * self.item_seconds)
         ideal = self.target / max(self.item_seconds, 1e-12)
-        lo = max(1, math.ceil(self.size / MAX_STEP))
+        lo = max(1, min(self.size - 1, math.ceil(self.size / MAX_STEP)))
         hi = max(self.size + 1, int(self.size * MAX_STEP))
         self.size = max(1, min(max(int(ideal), lo), hi))
         if self.max_size is not None:
@@ -108,6 +108,16 @@ class _Chunk:
         self.start, self.items, self.attempts = start, items, 0
         self.outcome: ChunkOutcome | None = None
         self.error: BaseException | None = None
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return tuple(range(self.start, self.start + len(self.items)))
+
+
+def _note_once(exc: BaseException, note: str) -> None:
+    # A broken backend fails every chunk with one shared exception: do not stack copies.
+    if note not in getattr(exc, "__notes__", ()):
+        add_note(exc, note)
 
 
 def run_chunks(
@@ -226,6 +236,9 @@ def run_chunks(
                     else:
                         submit(chunk)
                     continue
+                if chunk.attempts > 1:
+                    _note_once(exc, f"amortune: {describe_indices(chunk.indices)} failed "
+                                    f"{chunk.attempts} times (retries={retries})")
                 chunk.error = exc
                 failed_at = chunk.start if failed_at is None else min(failed_at, chunk.start)
                 # Chunks after the failure will never be yielded: stop waiting for them.
