@@ -24,7 +24,7 @@ from ._errors import add_note
 from ._model import PROCESS_DISPATCH_SECONDS, THREAD_DISPATCH_SECONDS
 from ._optimize import PlannedRun, plan_run
 from ._profile import count_items
-from ._schedule import ChunkPolicy, RunStats, run_chunks
+from ._schedule import ChunkPolicy, FixedChunkPolicy, RunStats, run_chunks
 from ._worker import rss_bytes
 from .backends._base import Backend, FunctionRef
 from .backends.local import ThreadBackend, discard_warm_pool, get_warm_pool
@@ -132,8 +132,10 @@ def stream_results(
         budget = config.memory_fraction * run.system.available_memory_bytes
         max_items_in_flight = max(n_workers * 2, int(budget // per_item))
     dispatch = PROCESS_DISPATCH_SECONDS if backend.kind == "processes" else THREAD_DISPATCH_SECONDS
-    policy = ChunkPolicy(plan.chunksize, n_workers, config.target_chunk_seconds,
-                         dispatch_seconds=dispatch)
+    policy = (FixedChunkPolicy(plan.chunksize, n_workers, config.target_chunk_seconds)
+              if run.chunksize_pinned else
+              ChunkPolicy(plan.chunksize, n_workers, config.target_chunk_seconds,
+                          dispatch_seconds=dispatch))
     try:
         yield from run_chunks(
             backend, fn, items,

@@ -32,6 +32,7 @@ class PlannedRun:
     plan: OptimizationResult
     sampled: Sampled
     system: SystemSnapshot
+    chunksize_pinned: bool = False
 
 
 def _costs(config: Config, system: SystemSnapshot) -> Costs:
@@ -127,7 +128,7 @@ def plan_run(
         extra_reasons=tuple(reasons),
         extra_warnings=tuple(warnings),
     )
-    return PlannedRun(plan, sampled, system)
+    return PlannedRun(plan, sampled, system, chunksize_pinned=chunksize is not None)
 
 
 def _reiterable(data: Iterable[Any]) -> bool:

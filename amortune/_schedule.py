@@ -26,7 +26,7 @@ from typing import Any
 from ._errors import TaskTimeoutError, WorkerCrashedError, add_note, describe_indices
 from .backends._base import Backend, ChunkOutcome, FunctionRef
 
-__all__ = ["ChunkPolicy", "RunStats", "run_chunks", "simulate"]
+__all__ = ["ChunkPolicy", "FixedChunkPolicy", "RunStats", "run_chunks", "simulate"]
 
 #: Weight of the newest chunk in the smoothed per-item time (an EMA, as tqdm smooths its rate).
 EMA_ALPHA = 0.3
@@ -88,6 +88,16 @@ class ChunkPolicy:
                 tail = max(tail, min(floor, int(MAX_STEP * self.largest)))
             size = min(size, tail, remaining)
         return max(1, size)
+
+
+class FixedChunkPolicy(ChunkPolicy):
+    """A chunk size the caller pinned, honoured exactly (as ``multiprocessing.Pool`` does)."""
+
+    def observe(self, n_items: int, seconds: float) -> None:
+        pass
+
+    def next_size(self, remaining: int | None) -> int:
+        return self.size if remaining is None else max(1, min(self.size, remaining))
 
 
 @dataclass

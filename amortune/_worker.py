@@ -3,14 +3,18 @@
 Data flow (one worker process, one duplex pipe to the caller's manager thread)::
 
     caller ──("func", token, bytes)────────▶ worker: cache the unpickled function by token
-    caller ──("task", id, token, start, mode, items bytes)──▶ worker: run func over the chunk
-    worker ──("tick", id, i)──▶ caller         (only with a timeout: item i has started)
+    caller ──("task", id, token, start, mode, items bytes, ticks)──▶ worker: run func over the chunk
+    worker ──("tick", id, i)──▶ caller         (only with a timeout: item i has started; i is
+                                                None while the chunk's results are pickled)
     worker ──("done", id, results bytes, wall_s, cpu_s, rss)──▶ caller
     worker ──("error", id, captured exception, wall_s, cpu_s, rss)──▶ caller
+    worker ──("exiting", id, i, code)──▶ caller  (func raised SystemExit: the worker exits with it)
     caller ──None──▶ worker exits
 
-Messages are plain tuples of builtins and bytes. Imports the standard library, ``_errors`` and
-(lazily, for the odd object plain pickle refuses) cloudpickle; nothing caller-side.
+Messages are plain tuples of builtins and bytes. A worker never outlives the caller: it is
+SIGKILLed by the kernel when its parent dies (Linux), and it exits on EOF of its pipe. Imports the
+standard library, ``_errors`` and (lazily, for the odd object plain pickle refuses) cloudpickle;
+nothing caller-side.
 """
 
 from __future__ import annotations
@@ -25,7 +29,8 @@ from typing import Any
 
 from ._errors import NotPicklableError, capture
 
-__all__ = ["dumps", "run_items", "worker_main", "rss_bytes", "THREAD_ENV_VARS"]
+__all__ = ["dumps", "first_unpicklable", "load_prctl", "run_items", "worker_main", "rss_bytes",
+           "THREAD_ENV_VARS"]
 
 THREAD_ENV_VARS = (
     "OMP_NUM_THREADS",
@@ -36,6 +41,8 @@ THREAD_ENV_VARS = (
 )
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_PR_SET_PDEATHSIG = 1
+_prctl: Any = None
 
 
 def dumps(obj: Any) -> bytes:
@@ -111,49 +118,102 @@ def _limit_native_threads(n_threads: int | None) -> None:
             pass
 
 
-def _die_with_parent() -> None:
-    if sys.platform.startswith("linux"):
+def load_prctl() -> Any:
+    """libc's ``prctl`` (Linux) or ``None``, loaded once.
+
+    The caller loads it before it forks, so a forked worker needs no import (and no import lock
+    another thread of the caller might hold at the moment of the fork).
+    """
+    global _prctl
+    if _prctl is None and sys.platform.startswith("linux"):
         try:
             import ctypes
 
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+            _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
         except Exception:
-            pass
+            _prctl = False
+    return _prctl or None
+
+
+def _die_with_parent(parent_is_forkserver: bool) -> None:
+    """Ask the kernel to SIGKILL this worker when its parent dies, then exit if that happened.
+
+    The parent is the caller, or the forkserver, which exits when the caller does. A caller that
+    died before the request was made cannot trigger it, so check once by hand afterwards.
+    """
+    prctl = load_prctl()
+    if prctl is not None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    import multiprocessing
+
+    if parent_is_forkserver:
+        # The forkserver exits when the last holder of its "alive" pipe closes it, and it hands a
+        # copy to every child it forks: a busy worker would keep it, and so itself, alive forever
+        # after the caller died. This worker never forks through that server (a nested forkserver
+        # use starts its own, as the pid is unknown here), so drop the copy.
+        from multiprocessing import forkserver
+
+        server: Any = getattr(forkserver, "_forkserver", None)
+        fd = getattr(server, "_forkserver_alive_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+            server._forkserver_alive_fd = None
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+    # With fork or spawn the parent is the caller itself, and a new parent pid means it is gone.
+    # Forkserver workers watch the caller's sentinel pipe instead.
+    gone = not parent.is_alive() if parent_is_forkserver else os.getppid() != parent.pid
+    if gone:
+        os._exit(1)
 
 
 def worker_main(
-    conn: Any, n_threads: int | None, initializer: bytes | None, max_tasks: int | None
+    conn: Any,
+    n_threads: int | None,
+    initializer: bytes | None,
+    max_tasks: int | None,
+    start_method: str = "spawn",
+    inherited: Sequence[Any] = (),
 ) -> None:
     """Entry point of a worker process: serve tasks from ``conn`` until told to stop.
 
-    Runs in a child. SIGINT is ignored (the caller owns Ctrl-C and terminates workers itself), and
-    on Linux the worker is killed if its parent dies, so no orphan outlives the caller.
+    Runs in a child. SIGINT is ignored (the caller owns Ctrl-C and terminates workers itself).
+    ``inherited`` are the caller's pipe ends a forked child got by accident; closing them lets
+    every worker see EOF when the caller goes away. A ``SystemExit`` from ``func`` ends the worker
+    with that exit code, as it would end a plain script.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _die_with_parent()
+    for other in inherited:
+        other.close()
+    _die_with_parent(start_method == "forkserver")
     _limit_native_threads(n_threads)
+    try:
+        if initializer is not None:
+            try:
+                init, initargs = pickle.loads(initializer)
+                init(*initargs)
+            except BaseException as exc:
+                conn.send_bytes(dumps(("init_error", capture(exc, None))))
+                return
+        conn.send_bytes(dumps(("ready", os.getpid(), rss_bytes())))
+        _serve(conn, max_tasks)
+    except (EOFError, OSError):  # the caller is gone: nothing to report to
+        return
+
+
+def _serve(conn: Any, max_tasks: int | None) -> None:
     funcs: dict[str, Any] = {}
     send = conn.send_bytes
-    if initializer is not None:
-        try:
-            init, initargs = pickle.loads(initializer)
-            init(*initargs)
-        except BaseException as exc:
-            send(dumps(("init_error", capture(exc, None))))
-            return
-    send(dumps(("ready", os.getpid(), rss_bytes())))
     done_tasks = 0
     while True:
-        try:
-            raw = conn.recv_bytes()
-        except (EOFError, OSError):
-            return
-        msg = pickle.loads(raw)
+        msg = pickle.loads(conn.recv_bytes())
         if msg is None:
             return
-        kind = msg[0]
-        if kind == "func":
+        if msg[0] == "func":
             _, token, payload = msg
             if len(funcs) >= 16:
                 funcs.pop(next(iter(funcs)))
@@ -165,24 +225,34 @@ def worker_main(
         _, task_id, token, start, mode, payload, ticks = msg
         wall0, cpu0 = time.perf_counter(), time.process_time()
         reply: tuple[Any, ...]
+        on_item = (lambda i, t=task_id: send(dumps(("tick", t, i)))) if ticks else None
         try:
             func = funcs[token]
             if isinstance(func, _LoadFailed):
                 reply = ("error", task_id, func.captured)
                 raise _Reported
-            items = pickle.loads(payload)
-            on_item = (lambda i, t=task_id: send(dumps(("tick", t, i)))) if ticks else None
+            try:
+                items = pickle.loads(payload)
+            except BaseException as exc:
+                raise NotPicklableError(
+                    f"the items of the chunk starting at item {start} cannot be unpickled in the "
+                    f"worker: {exc!r}") from exc
             results = run_items(func, items, start, mode, on_item)
+            if on_item is not None:
+                send(dumps(("tick", task_id, None)))  # pickling results is not an item's time
             try:
                 body = dumps(results)
             except Exception as exc:
-                bad = _first_unpicklable(results, start)
+                bad = first_unpicklable(results, start)
                 err = NotPicklableError(f"the result of item {bad} cannot be pickled: {exc}")
                 err.amortune_index = bad  # type: ignore[attr-defined]
                 raise err from None
             reply = ("done", task_id, body)
         except _Reported:
             pass
+        except SystemExit as exc:
+            send(dumps(("exiting", task_id, getattr(exc, "amortune_index", None), exc.code)))
+            raise
         except BaseException as exc:
             index = getattr(exc, "amortune_index", None)
             reply = ("error", task_id, capture(exc, index))
@@ -204,8 +274,9 @@ class _Reported(Exception):
     """Internal: the reply is already set."""
 
 
-def _first_unpicklable(results: list[Any], start: int) -> int:
-    for i, r in enumerate(results):
+def first_unpicklable(objs: Sequence[Any], start: int) -> int:
+    """Input index of the first of ``objs`` (indices from ``start``) that cannot be pickled."""
+    for i, r in enumerate(objs):
         try:
             dumps(r)
         except Exception:

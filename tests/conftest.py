@@ -26,11 +26,11 @@ def _stray_processes() -> list[psutil.Process]:
     for child in psutil.Process().children(recursive=True):
         try:
             cmd = " ".join(child.cmdline())
+            if child.status() == psutil.STATUS_ZOMBIE:
+                continue
         except psutil.Error:
             continue
         if "forkserver" in cmd or "resource_tracker" in cmd or child.pid in warm:
-            continue
-        if child.status() == psutil.STATUS_ZOMBIE:
             continue
         out.append(child)
     return out

@@ -211,3 +211,81 @@ def get_initialized(x: Any) -> tuple[Any, Any]:
 def kwargs_echo(*args: Any, **kwargs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Return the positional and keyword arguments it was called with."""
     return args, kwargs
+
+
+# --- tasks for tests/test_faults.py ------------------------------------------------------------
+
+
+def crash_once_how(arg: tuple[str, str, int]) -> int:
+    """Crash the worker at item 5 the first time (a marker file remembers), in one of four ways.
+
+    ``how`` is ``"kill"`` (SIGKILL), ``"exit"`` (``os._exit(3)``), ``"segv"`` (a NULL read) or
+    ``"sys_exit"`` (``SystemExit(4)`` raised by the function).
+    """
+    folder, how, i = arg
+    marker = os.path.join(folder, "crashed")
+    if i == 5 and not os.path.exists(marker):
+        open(marker, "w").close()
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif how == "exit":
+            os._exit(3)
+        elif how == "segv":
+            import ctypes
+
+            ctypes.string_at(0)
+        raise SystemExit(4)
+    return i
+
+
+def slow_once(arg: tuple[str, int]) -> int:
+    """Hang at item 3 the first time only (a marker file remembers); instant otherwise."""
+    folder, i = arg
+    marker = os.path.join(folder, "slowed")
+    if i == 3 and not os.path.exists(marker):
+        open(marker, "w").close()
+        time.sleep(3600)
+    return i
+
+
+def record_pid_and_sleep(arg: tuple[str, int]) -> int:
+    """From item 2 on: leave a file named after this process's PID in ``folder``, then sleep."""
+    folder, i = arg
+    if i >= 2:
+        open(os.path.join(folder, str(os.getpid())), "w").close()
+        time.sleep(60)
+    return i
+
+
+_LEAK: list[bytes] = []
+
+
+def leak_mb(arg: tuple[int, int]) -> tuple[int, int]:
+    """In a worker, keep ``mb`` MiB alive in a module list; returns (pid, blocks held here)."""
+    import multiprocessing
+
+    mb, _ = arg
+    if multiprocessing.parent_process() is not None:  # never grow the test process itself
+        _LEAK.append(b"\x01" * (mb << 20))
+    return os.getpid(), len(_LEAK)
+
+
+def init_raises() -> None:
+    """A worker initializer that fails."""
+    raise ValueError("init failed")
+
+
+def init_exits() -> None:
+    """A worker initializer that ends its process."""
+    os._exit(7)
+
+
+def _refuse_to_unpickle() -> Any:
+    raise ValueError("this object cannot be rebuilt")
+
+
+class FailsToUnpickle:
+    """Pickles fine, but raises when unpickled (in the worker)."""
+
+    def __reduce__(self) -> Any:
+        return _refuse_to_unpickle, ()

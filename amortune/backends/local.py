@@ -8,22 +8,26 @@ Data flow of :class:`ProcessBackend`::
          └──── Future ◀── result / exception / WorkerCrashedError / timeout ◀── pipe ──┘
 
 One pipe and one sentinel per worker, one task per worker at a time, so a death or a timeout is
-attributed to exactly one chunk. Dead, timed-out and memory-bloated workers are replaced. A warm
-pool per start method is kept for reuse by later calls and shut down at exit.
+attributed to exactly one chunk. Dead, timed-out, memory-bloated and never-ready workers are
+replaced; three start failures in a row break the pool instead of looping. Every future settles:
+the manager thread fails whatever it holds when it stops, and ``shutdown(kill=True)`` kills the
+workers from the calling thread, so even a manager blocked writing to a stuck worker is freed
+(the write fails with EPIPE). A warm pool per start method is reused by later calls; at exit,
+idle workers are stopped and busy ones killed (nobody can wait for their results any more).
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
-import itertools
 import logging
 import multiprocessing as mp
 import pickle
 import threading
 import time
+import weakref
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
@@ -31,28 +35,51 @@ from .._errors import (
     NotPicklableError,
     TaskTimeoutError,
     WorkerCrashedError,
+    add_note,
     describe_indices,
     exit_reason,
     rebuild,
 )
-from .._worker import dumps, run_items, worker_main
+from .._worker import dumps, first_unpicklable, load_prctl, run_items, worker_main
 from ._base import Backend, ChunkOutcome, FunctionRef
 
-__all__ = ["ProcessBackend", "ThreadBackend", "get_warm_pool", "shutdown_warm_pools", "start_cost"]
+__all__ = ["ProcessBackend", "ThreadBackend", "get_warm_pool", "peek_warm_pool",
+           "shutdown_warm_pools", "discard_warm_pool", "start_cost"]
 
 log = logging.getLogger("amortune")
-_ids = itertools.count()
 #: Seconds a worker gets to exit after being asked before it is killed.
 _JOIN_SECONDS = 1.0
+#: A worker not ready this long after its start is killed and counts as a failed start (a child
+#: forked while another thread held a lock can hang forever; spawn with heavy imports takes ~10 s).
+_START_TIMEOUT_SECONDS = 60.0
+#: Workers dying before they are ready this many times in a row break the pool.
+_MAX_START_FAILURES = 3
+
+
+def _settle(fut: Future[Any], exc: BaseException | None = None, result: Any = None) -> None:
+    """Finish ``fut`` unless it is already done (a caller may cancel a pending one meanwhile)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+def _failed(exc: BaseException) -> Future[ChunkOutcome]:
+    fut: Future[ChunkOutcome] = Future()
+    fut.set_exception(exc)
+    return fut
 
 
 class _Task:
-    __slots__ = ("fn", "items", "start", "mode", "timeout", "future", "payload")
+    __slots__ = ("fn", "items", "start", "mode", "timeout", "future", "payload", "running")
 
     def __init__(self, fn: FunctionRef, items: list[Any], start: int, mode: str,
                  timeout: float | None, payload: bytes) -> None:
         self.fn, self.items, self.start, self.mode = fn, items, start, mode
-        self.timeout, self.payload = timeout, payload
+        self.timeout, self.payload, self.running = timeout, payload, False
         self.future: Future[ChunkOutcome] = Future()
 
     @property
@@ -62,18 +89,17 @@ class _Task:
 
 class _Worker:
     __slots__ = ("process", "conn", "task", "item_started", "item_index", "funcs", "ready",
-                 "rss", "baseline_rss", "retiring", "started_at")
+                 "rss", "baseline_rss", "retiring", "started_at", "tasks_done", "note")
 
     def __init__(self, process: Any, conn: Any) -> None:
         self.process, self.conn = process, conn
         self.task: _Task | None = None
-        self.item_started = 0.0
+        self.item_started = self.started_at = time.perf_counter()
         self.item_index = 0
         self.funcs: set[str] = set()
-        self.ready = False
-        self.rss = self.baseline_rss = 0
-        self.retiring = False
-        self.started_at = time.perf_counter()
+        self.ready = self.retiring = False  # retiring: asked to exit, or killed; gets no task
+        self.rss = self.baseline_rss = self.tasks_done = 0
+        self.note = ""  # why it died, when the worker or the manager knows better than the code
 
 
 # Measured start-up per start method, filled by the first pool of each method in this process:
@@ -92,17 +118,10 @@ class ProcessBackend(Backend):
 
     kind = "processes"
 
-    def __init__(
-        self,
-        n_workers: int,
-        *,
-        start_method: str,
-        thread_cap: int | None = None,
-        initializer: Callable[..., Any] | None = None,
-        initargs: tuple[Any, ...] = (),
-        max_tasks_per_child: int | None = None,
-        memory_growth_bytes: int | None = None,
-    ) -> None:
+    def __init__(self, n_workers: int, *, start_method: str, thread_cap: int | None = None,
+                 initializer: Callable[..., Any] | None = None, initargs: tuple[Any, ...] = (),
+                 max_tasks_per_child: int | None = None,
+                 memory_growth_bytes: int | None = None) -> None:
         if n_workers < 1:
             raise ValueError(f"n_workers must be >= 1, got {n_workers}")
         self._ctx: Any = mp.get_context(start_method)
@@ -110,20 +129,21 @@ class ProcessBackend(Backend):
         self._n = n_workers
         self._thread_cap = thread_cap
         self._init: bytes | None = None
-        if initializer is not None:
-            self.setup_workers(initializer, initargs)
+        self.setup_workers(initializer, initargs)
         self._max_tasks = max_tasks_per_child
         self._growth = memory_growth_bytes
         self._pending: collections.deque[_Task] = collections.deque()
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = self._ctx.Pipe(duplex=False)
-        self._closing = False
-        self._killing = False
+        self._woken = False
+        self._closing = self._killing = self._abandon = False
         self._broken: BaseException | None = None
+        self._start_failures = 0
         self._first_start: float | None = None
         self._thread = threading.Thread(target=self._manage, name="amortune-manager", daemon=True)
         self._thread.start()
+        _LIVE.add(self)
 
     # -- caller side -------------------------------------------------------------------------
     def capacity(self) -> int:
@@ -152,26 +172,23 @@ class ProcessBackend(Backend):
 
     def submit(self, fn: FunctionRef, items: list[Any], start: int, *, mode: str = "map",
                timeout_seconds: float | None = None) -> Future[ChunkOutcome]:
+        try:  # pickled here, in the caller: a bad function must not reach the manager thread
+            fn.token  # noqa: B018
+        except Exception as exc:
+            return _failed(NotPicklableError(
+                f"the function {fn.func!r} cannot be pickled to send it to a worker: {exc}"))
         try:
             payload = dumps(items)
         except Exception as exc:
-            bad = start
-            for i, item in enumerate(items):
-                try:
-                    dumps(item)
-                except Exception:
-                    bad = start + i
-                    break
-            fut: Future[ChunkOutcome] = Future()
+            bad = first_unpicklable(items, start)
             err = NotPicklableError(f"item {bad} cannot be pickled to send it to a worker: {exc}")
             err.amortune_index = bad  # type: ignore[attr-defined]
-            fut.set_exception(err)
-            return fut
+            add_note(err, f"amortune: raised while processing item {bad}")
+            return _failed(err)
         task = _Task(fn, items, start, mode, timeout_seconds, payload)
         with self._lock:
             if self._broken is not None:
-                task.future.set_exception(self._broken)
-                return task.future
+                return _failed(self._broken)
             if self._closing:
                 raise RuntimeError("cannot submit to a backend that is shut down")
             self._pending.append(task)
@@ -179,30 +196,54 @@ class ProcessBackend(Backend):
         return task.future
 
     def shutdown(self, wait: bool = True, *, kill: bool = False) -> None:
+        """Stop the pool: after the queued work (default), or at once with ``kill``."""
         with self._lock:
             self._closing = True
             self._killing = self._killing or kill
+        if kill:  # from this thread too: frees a manager blocked writing to a worker
+            for w in list(self._workers):
+                _kill(w.process)
         self._wake()
         if wait and threading.current_thread() is not self._thread:
             self._thread.join()
 
+    def _abandon_at_exit(self) -> None:
+        with self._lock:
+            self._closing = self._abandon = True
+        for w in list(self._workers):
+            if w.task is not None:  # also frees a manager blocked writing that task
+                _kill(w.process)
+        self._wake()
+        self._thread.join(_START_TIMEOUT_SECONDS)
+
     def _wake(self) -> None:
+        # One pending wake-up byte at most: a manager that is busy for a while must not let the
+        # pipe fill and block callers in submit().
+        with self._lock:
+            if self._woken:
+                return
+            self._woken = True
         try:
             self._wake_w.send_bytes(b"")
-        except OSError:
+        except (OSError, ValueError):
             pass
 
     # -- manager thread -----------------------------------------------------------------------
     def _spawn(self) -> None:
         parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=worker_main,
-            args=(child, self._thread_cap, self._init, self._max_tasks),
-            name="amortune-worker",
-            daemon=True,
-        )
-        proc.start()
-        child.close()
+        inherited: list[Any] = []
+        load_prctl()
+        if self.start_method == "fork":
+            inherited = [parent, self._wake_r, self._wake_w, *(w.conn for w in self._workers)]
+        args = (child, self._thread_cap, self._init, self._max_tasks, self.start_method, inherited)
+        proc = self._ctx.Process(target=worker_main, args=args, name="amortune-worker", daemon=True)
+        try:
+            proc.start()
+        except BaseException:
+            parent.close()
+            raise
+        finally:
+            child.close()
         self._workers.append(_Worker(proc, parent))
         if self._first_start is None:
             self._first_start = time.perf_counter()
@@ -219,43 +260,43 @@ class ProcessBackend(Backend):
     def _loop(self) -> None:
         while True:
             with self._lock:
-                closing, killing = self._closing, self._killing
-                if closing:
+                if self._closing:
                     self._pending = collections.deque(
                         t for t in self._pending if not t.future.cancelled())
-                if (not closing or self._pending) and self._broken is None:
-                    while len(self._workers) < self._n:
-                        self._spawn()
-            if killing or (closing and not self._pending
-                           and all(w.task is None for w in self._workers)):
-                return
+                closing, pending = self._closing, bool(self._pending)
+                if self._killing or self._abandon or (
+                        closing and not pending and all(w.task is None for w in self._workers)):
+                    return
+            while (not closing or pending) and self._broken is None and len(self._workers) < self._n:
+                try:
+                    self._spawn()
+                except Exception as exc:
+                    self._start_failed(f"could not start a worker process: {exc!r}")
+                    break
             self._assign()
-            timeout = self._next_deadline()
             waitables: list[Any] = [self._wake_r]
             for w in self._workers:
                 waitables += [w.conn, w.process.sentinel]
-            ready = mp_wait(waitables, timeout)
-            for obj in ready:
-                if obj is self._wake_r:
-                    while self._wake_r.poll():
-                        self._wake_r.recv_bytes()
+            ready = mp_wait(waitables, self._next_deadline())
+            if self._wake_r in ready:
+                while self._wake_r.poll():
+                    self._wake_r.recv_bytes()
+                with self._lock:  # after draining: a wake-up from now on writes a new byte
+                    self._woken = False
             for w in list(self._workers):
                 if w.conn in ready:
                     self._receive(w)
                 if w.process.sentinel in ready or not w.process.is_alive():
                     self._reap(w)
-            self._check_timeouts()
+            self._check_deadlines()
 
     def _assign(self) -> None:
         for w in self._workers:
-            if not self._pending:
-                return
             if not w.ready or w.task is not None or w.retiring:
                 continue
-            with self._lock:
-                task = self._pending.popleft()
-            if not task.future.set_running_or_notify_cancel():
-                continue
+            task = self._next_task()
+            if task is None:
+                return
             w.task = task
             w.item_started, w.item_index = time.perf_counter(), task.start
             try:
@@ -266,7 +307,22 @@ class ProcessBackend(Backend):
                        task.timeout is not None)
                 w.conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
             except OSError:
-                pass  # the worker died; its sentinel reports it and the task fails there
+                # The worker died before it had the whole task, so it cannot have run any of it:
+                # hand the task to another worker; the sentinel reports the death.
+                w.task, w.retiring = None, True
+                with self._lock:
+                    self._pending.appendleft(task)
+
+    def _next_task(self) -> _Task | None:
+        """The oldest pending task nobody cancelled, marked running; ``None`` when none is left."""
+        while True:
+            with self._lock:
+                if not self._pending:
+                    return None
+                task = self._pending.popleft()
+            if task.running or task.future.set_running_or_notify_cancel():
+                task.running = True
+                return task
 
     def _receive(self, w: _Worker) -> None:
         while True:
@@ -279,78 +335,101 @@ class ProcessBackend(Backend):
             kind = msg[0]
             if kind == "ready":
                 w.ready, w.rss = True, msg[2]
-                w.baseline_rss = w.rss
+                w.baseline_rss, self._start_failures = w.rss, 0
                 if self._first_start is not None and self.start_method not in _START_COSTS:
                     first = time.perf_counter() - self._first_start
                     per = _DEFAULT_START_COSTS.get(self.start_method, (0.05, 0.04))[1]
                     _START_COSTS[self.start_method] = (first, per)
             elif kind == "tick":
-                w.item_started, w.item_index = time.perf_counter(), msg[2]
+                w.item_started = time.perf_counter()
+                w.item_index = w.item_index if msg[2] is None else msg[2]
+            elif kind == "exiting":
+                w.note = f" (func raised SystemExit({msg[3]!r}) at item {msg[2]})"
             elif kind == "init_error":
+                w.retiring = True
                 self._broken = rebuild(msg[1])
                 self._fail_all(self._broken)
             elif kind in ("done", "error"):
                 task, w.task = w.task, None
                 wall, cpu, w.rss = msg[3], msg[4], msg[5]
-                if self._growth is not None and w.rss - w.baseline_rss > self._growth:
+                w.tasks_done += 1
+                if self._max_tasks is not None and w.tasks_done >= self._max_tasks:
+                    w.retiring = True  # it exits by itself; no task may be sent to it now
+                elif self._growth is not None and w.rss - w.baseline_rss > self._growth:
                     self._retire(w)
-                if task is None:
-                    continue
-                if kind == "done":
-                    try:
-                        results = pickle.loads(msg[2])
-                    except BaseException as exc:
-                        task.future.set_exception(NotPicklableError(
-                            f"results of {describe_indices(task.indices)} cannot be unpickled "
-                            f"in the caller: {exc!r}"))
-                        continue
-                    task.future.set_result(ChunkOutcome(results, wall, cpu, w.rss))
-                else:
-                    task.future.set_exception(rebuild(msg[2]))
+                if task is not None:
+                    self._finish(task, kind, msg[2], wall, cpu, w.rss)
+
+    @staticmethod
+    def _finish(task: _Task, kind: str, body: Any, wall: float, cpu: float, rss: int) -> None:
+        if kind == "error":
+            return _settle(task.future, rebuild(body))
+        try:
+            results = pickle.loads(body)
+        except BaseException as exc:
+            return _settle(task.future, NotPicklableError(
+                f"results of {describe_indices(task.indices)} cannot be unpickled in the caller: "
+                f"{exc!r}"))
+        _settle(task.future, result=ChunkOutcome(results, wall, cpu, rss))
 
     def _retire(self, w: _Worker) -> None:
         w.retiring = True
         try:
             w.conn.send_bytes(pickle.dumps(None))
         except OSError:
-            pass
+            pass  # already gone
 
     def _reap(self, w: _Worker) -> None:
-        w.process.join(_JOIN_SECONDS)
-        if w.process.exitcode is None:
+        w.process.join(0)
+        code = w.process.exitcode
+        if code is None or self._killing:  # killed on purpose: _stop_all settles what it held
             return
+        self._receive(w)  # a reply written just before the exit still counts
         self._workers.remove(w)
         w.conn.close()
-        task = w.task
-        if task is not None and not task.future.done():
-            code = w.process.exitcode
-            task.future.set_exception(WorkerCrashedError(
-                f"a worker process (pid {w.process.pid}) died with {exit_reason(code)} while "
-                f"running {describe_indices(task.indices)}; pass retries=N to run lost chunks again",
-                exitcode=code, indices=task.indices, rss_bytes=w.rss or None))
-        if not w.ready and not w.retiring and self._broken is None and not self._closing:
-            code = w.process.exitcode
+        task, w.task = w.task, None
+        if task is not None:
+            _settle(task.future, WorkerCrashedError(
+                f"a worker process (pid {w.process.pid}) died with {exit_reason(code)}{w.note} "
+                f"while running {describe_indices(task.indices)}; pass retries=N to run lost "
+                "chunks again", exitcode=code, indices=task.indices, rss_bytes=w.rss or None))
+        elif not w.ready and not w.retiring and not self._closing:
+            self._start_failed(f"a worker process exited with {exit_reason(code)}{w.note} "
+                               "before it was ready", code)
+
+    def _start_failed(self, message: str, code: int | None = None) -> None:
+        self._start_failures += 1
+        if self._start_failures >= _MAX_START_FAILURES and self._broken is None:
             self._broken = WorkerCrashedError(
-                f"a worker process exited with {exit_reason(code)} before it was ready",
-                exitcode=code)
+                f"{message} ({self._start_failures} failed starts in a row)", exitcode=code)
             self._fail_all(self._broken)
 
     def _next_deadline(self) -> float | None:
         deadlines = [w.item_started + w.task.timeout for w in self._workers
-                     if w.task is not None and w.task.timeout is not None]
+                     if w.task is not None and w.task.timeout is not None and not w.retiring]
+        deadlines += [w.started_at + _START_TIMEOUT_SECONDS for w in self._workers
+                      if not w.ready and not w.retiring]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.perf_counter()) + 0.001
 
-    def _check_timeouts(self) -> None:
+    def _check_deadlines(self) -> None:
         now = time.perf_counter()
         for w in list(self._workers):
             task = w.task
+            if w.retiring:
+                continue
+            if not w.ready and now - w.started_at > _START_TIMEOUT_SECONDS:
+                w.note = f" (killed: not ready after {_START_TIMEOUT_SECONDS:.0f} s)"
+                _kill(w.process)
             if task is None or task.timeout is None or now - w.item_started <= task.timeout:
                 continue
-            w.task = None
-            w.process.kill()
-            task.future.set_exception(TaskTimeoutError(
+            self._receive(w)  # a reply or tick that arrived meanwhile wins over the clock
+            if w.task is not task or time.perf_counter() - w.item_started <= task.timeout:
+                continue
+            w.task, w.retiring = None, True
+            _kill(w.process)
+            _settle(task.future, TaskTimeoutError(
                 f"item {w.item_index} ran longer than the timeout of {task.timeout} s; its "
                 "worker was killed and replaced", indices=(w.item_index,)))
 
@@ -358,32 +437,38 @@ class ProcessBackend(Backend):
         with self._lock:
             pending, self._pending = list(self._pending), collections.deque()
         for task in pending:
-            if not task.future.done():
-                task.future.set_exception(exc)
+            _settle(task.future, exc)
 
     def _stop_all(self) -> None:
-        cancelled = CancelledError("the amortune backend was shut down")
-        self._fail_all(cancelled)
+        exc = self._broken or CancelledError("the amortune backend was shut down")
+        self._fail_all(exc)
         for w in self._workers:
-            if w.task is not None and not w.task.future.done():
-                w.task.future.set_exception(cancelled)
-            if self._killing:
-                w.process.kill()
+            busy, w.task = w.task, None
+            if busy is not None:
+                _settle(busy.future, exc)
+            if self._killing or (self._abandon and busy is not None):
+                _kill(w.process)
             else:
-                try:
-                    w.conn.send_bytes(pickle.dumps(None))
-                except OSError:
-                    pass
+                self._retire(w)
         deadline = time.perf_counter() + _JOIN_SECONDS
         for w in self._workers:
             w.process.join(max(0.0, deadline - time.perf_counter()))
             if w.process.exitcode is None:
-                w.process.kill()
+                _kill(w.process)
                 w.process.join(_JOIN_SECONDS)
             w.conn.close()
         self._workers.clear()
+        with self._lock:
+            self._woken = True  # nothing reads the wake-up pipe any more
         self._wake_r.close()
         self._wake_w.close()
+
+
+def _kill(process: Any) -> None:
+    try:
+        process.kill()
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 class ThreadBackend(Backend):
@@ -411,8 +496,6 @@ def _run_in_thread(func: Callable[..., Any], items: list[Any], start: int, mode:
     try:
         results = run_items(func, items, start, mode)
     except BaseException as exc:
-        from .._errors import add_note
-
         index = getattr(exc, "amortune_index", None)
         if index is not None:
             add_note(exc, f"amortune: raised while processing item {index}")
@@ -423,14 +506,20 @@ def _run_in_thread(func: Callable[..., Any], items: list[Any], start: int, mode:
 # -- the warm pool ---------------------------------------------------------------------------
 _WARM: dict[str, ProcessBackend] = {}
 _WARM_LOCK = threading.Lock()
+#: Every process backend not yet stopped, so the exit handler can stop the ones nobody closed.
+_LIVE: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
 
 
 def get_warm_pool(n_workers: int, start_method: str, *, thread_cap: int | None = None,
                   memory_growth_bytes: int | None = None) -> ProcessBackend:
-    """The process-wide reusable pool for ``start_method``, started or grown to ``n_workers``."""
+    """The process-wide reusable pool for ``start_method``, started or grown to ``n_workers``.
+
+    ``memory_growth_bytes`` applies from the next chunk on, so each run's config is honoured.
+    """
     with _WARM_LOCK:
         pool = _WARM.get(start_method)
         if pool is not None and pool.alive and pool._init is None:
+            pool._growth = memory_growth_bytes
             pool.resize(n_workers)
             return pool
         if pool is not None:
@@ -448,7 +537,7 @@ def peek_warm_pool(start_method: str) -> ProcessBackend | None:
 
 
 def shutdown_warm_pools(kill: bool = False) -> None:
-    """Stop every warm pool (called at exit; tests call it to check nothing leaks)."""
+    """Stop every warm pool after its queued work (tests call it to check nothing leaks)."""
     with _WARM_LOCK:
         pools = list(_WARM.values())
         _WARM.clear()
@@ -464,4 +553,11 @@ def discard_warm_pool(pool: ProcessBackend) -> None:
                 del _WARM[key]
 
 
-atexit.register(shutdown_warm_pools)
+@atexit.register
+def _at_exit() -> None:
+    # Registered after multiprocessing's own exit handler, so it runs first. Results of busy
+    # workers can no longer be waited for: kill those, let idle ones exit cleanly.
+    with _WARM_LOCK:
+        _WARM.clear()
+    for pool in list(_LIVE):
+        pool._abandon_at_exit()

@@ -1,0 +1,481 @@
+"""``amortune.Pool``: a drop-in for :class:`multiprocessing.pool.Pool` on amortune's scheduler.
+
+Data flow::
+
+    map / starmap ──▶ sample the first items in the caller (plan_run; results kept, never rerun)
+         │             └─ skipped when chunksize is given or an initializer sets worker state
+         └────────────▶ run_chunks on the pool's ProcessBackend ──▶ ordered result lists ──▶ list
+    imap           ──▶ the same, lazily in the consumer's thread (a few items sampled, bounded
+                       chunks in flight, so an endless generator works)
+    imap_unordered ──▶ _unordered(): backend.submit + wait(FIRST_COMPLETED), bounded window
+    map_async      ──▶ one driver thread per call runs the same stream ──▶ AsyncResult
+    apply_async    ──▶ backend.submit(mode="apply") ──▶ future done-callback ──▶ AsyncResult
+
+Each pool owns a private ProcessBackend (initializer and maxtasksperchild are per pool) started at
+construction and stopped by close()+join(), terminate(), the context manager or a finalizer. A
+dead worker fails its chunk with WorkerCrashedError instead of hanging the caller; the user's
+exceptions come back with their own type. Imports the engine (``_schedule``, ``backends``,
+``_optimize``) and ``_batches.Progress``; nothing imports this module but ``__init__``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import logging
+import operator
+import threading
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
+from multiprocessing import TimeoutError as MPTimeoutError
+from typing import Any, Generic, TypeVar
+
+from ._batches import Progress
+from ._config import Config
+from ._errors import NotPicklableError
+from ._model import PROCESS_DISPATCH_SECONDS, _process_chunksize
+from ._optimize import plan_run
+from ._profile import count_items
+from ._schedule import ChunkPolicy, FixedChunkPolicy, run_chunks
+from ._system import probe_system
+from .backends._base import ChunkOutcome, FunctionRef
+from .backends.local import ProcessBackend
+
+__all__ = ["AsyncResult", "Pool"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+log = logging.getLogger("amortune")
+_RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
+#: imap samples at most this many items in the caller: enough for a per-item time, and few
+#: enough that an endless generator is barely touched before the first result.
+IMAP_SAMPLE_ITEMS = 8
+_INDEX_NOTE = "amortune: raised while processing item"
+
+
+class AsyncResult(Generic[R]):
+    """The pending result of an ``*_async`` call, as :class:`multiprocessing.pool.AsyncResult`.
+
+    ``callback(value)`` or ``error_callback(exception)`` runs once, before :meth:`get` returns.
+    """
+
+    def __init__(self, pool: Pool | None, callback: Callable[[Any], object] | None,
+                 error_callback: Callable[[BaseException], object] | None) -> None:
+        self._event = threading.Event()
+        # Keeps the pool alive while work is pending, as the stdlib does (bpo-35493).
+        self._pool = pool
+        self._callback, self._error_callback = callback, error_callback
+        self._success = False
+        self._value: Any = None
+
+    def ready(self) -> bool:
+        """Whether the call has finished."""
+        return self._event.is_set()
+
+    def successful(self) -> bool:
+        """Whether the call finished without raising; ``ValueError`` if it has not finished."""
+        if not self.ready():
+            raise ValueError(f"{self!r} not ready")
+        return self._success
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Wait until the result is ready or ``timeout`` seconds have passed."""
+        self._event.wait(timeout)
+
+    def get(self, timeout: float | None = None) -> R:
+        """The result; raises the call's exception, or ``multiprocessing.TimeoutError``."""
+        self.wait(timeout)
+        if not self.ready():
+            raise MPTimeoutError
+        if self._success:
+            return self._value  # type: ignore[no-any-return]
+        raise self._value
+
+    def _set(self, success: bool, value: Any) -> None:
+        self._success, self._value = success, value
+        callback = self._callback if success else self._error_callback
+        try:
+            if callback is not None:
+                callback(value)
+        except Exception:
+            log.exception("amortune.Pool: a %s raised", "callback" if success else "error_callback")
+        finally:
+            self._event.set()
+            self._pool = self._callback = self._error_callback = None
+
+
+class _Star:
+    """``func(*args)`` as a one-argument function, so starmap is sampled like map."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+
+    def __call__(self, args: Iterable[Any]) -> Any:
+        return self.func(*args)
+
+
+class Pool:
+    """A process pool with the API of :class:`multiprocessing.pool.Pool`, tuned by measurement.
+
+    ``chunksize=None`` (the default everywhere) means tuned: ``map``, ``starmap`` and the
+    ``imap`` calls run the first items in the calling process to time the function (those
+    results are kept, so no item runs twice), the ``*_async`` calls start with one-item chunks,
+    and chunk sizes then follow measured chunk times. An explicit ``chunksize`` is honoured
+    exactly. With an ``initializer`` nothing runs in the caller, since the function
+    may rely on the state it sets. Functions travel with cloudpickle, so lambdas and closures
+    work. A worker that dies raises :class:`~amortune.WorkerCrashedError` instead of hanging.
+
+    Parameters
+    ----------
+    processes:
+        Number of worker processes; ``None`` means usable cores (affinity and cgroup quota).
+    initializer, initargs:
+        ``initializer(*initargs)`` runs once in each worker when it starts.
+    maxtasksperchild:
+        A worker is replaced after this many chunks (``None``: never).
+    context:
+        A multiprocessing context or start-method name; default ``Config().start_method``.
+
+    Examples
+    --------
+    >>> import amortune
+    >>> with amortune.Pool(2) as pool:
+    ...     pool.map(abs, range(-3, 3))
+    [3, 2, 1, 0, 1, 2]
+    """
+
+    def __init__(self, processes: int | None = None,
+                 initializer: Callable[..., object] | None = None, initargs: Iterable[Any] = (),
+                 maxtasksperchild: int | None = None, context: Any = None) -> None:
+        if processes is not None and processes < 1:
+            raise ValueError("Number of processes must be at least 1")
+        if maxtasksperchild is not None and (
+                not isinstance(maxtasksperchild, int) or maxtasksperchild <= 0):
+            raise ValueError("maxtasksperchild must be a positive int or None")
+        if initializer is not None and not callable(initializer):
+            raise TypeError("initializer must be a callable")
+        cfg = Config.from_env()
+        if context is not None:
+            method = context if isinstance(context, str) else context.get_start_method()
+            cfg = cfg.replace(start_method=method)
+        cores = probe_system(cfg).usable_cores
+        self._processes = processes or cores
+        self._config = cfg
+        self._sample_in_caller = initializer is None
+        self._backend = ProcessBackend(
+            self._processes, start_method=cfg.start_method,
+            thread_cap=max(1, cores // self._processes), initializer=initializer,
+            initargs=tuple(initargs), max_tasks_per_child=maxtasksperchild,
+            memory_growth_bytes=cfg.worker_memory_growth_bytes)
+        # Holds no reference to the pool: an unclosed pool is terminated when collected or at exit.
+        self._finalizer = weakref.finalize(self, self._backend.shutdown, wait=True, kill=True)
+        self._threads: set[threading.Thread] = set()
+        self._lock = threading.Lock()
+        self._state = _RUN
+
+    # -- the multiprocessing.Pool API ------------------------------------------------------
+    def apply(self, func: Callable[..., R], args: Iterable[Any] = (),
+              kwds: Mapping[str, Any] | None = None) -> R:
+        """``func(*args, **kwds)`` in a worker; waits for the result."""
+        return self.apply_async(func, args, kwds).get()
+
+    def apply_async(self, func: Callable[..., R], args: Iterable[Any] = (),
+                    kwds: Mapping[str, Any] | None = None,
+                    callback: Callable[[R], object] | None = None,
+                    error_callback: Callable[[BaseException], object] | None = None,
+                    ) -> AsyncResult[R]:
+        """``func(*args, **kwds)`` in a worker; returns an :class:`AsyncResult` at once."""
+        self._check_running()
+        result: AsyncResult[R] = AsyncResult(self, callback, error_callback)
+        try:
+            fut = self._backend.submit(_function_ref(func), [(tuple(args), dict(kwds or {}))], 0,
+                                       mode="apply")
+        except Exception as exc:
+            result._set(False, exc)
+            return result
+        fut.add_done_callback(functools.partial(_complete_apply, result))
+        return result
+
+    def map(self, func: Callable[[T], R], iterable: Iterable[T], chunksize: int | None = None,
+            *, progress: Any = False) -> list[R]:
+        """``list(map(func, iterable))`` in the workers, in order.
+
+        ``progress=True`` (or a tqdm instance) shows a progress bar.
+        """
+        return self._map(func, iterable, chunksize, "map", progress)
+
+    def starmap(self, func: Callable[..., R], iterable: Iterable[Iterable[Any]],
+                chunksize: int | None = None) -> list[R]:
+        """``[func(*args) for args in iterable]`` in the workers, in order."""
+        return self._map(func, iterable, chunksize, "star", False)
+
+    def map_async(self, func: Callable[[T], R], iterable: Iterable[T],
+                  chunksize: int | None = None, callback: Callable[[list[R]], object] | None = None,
+                  error_callback: Callable[[BaseException], object] | None = None,
+                  ) -> AsyncResult[list[R]]:
+        """:meth:`map` without waiting: returns an :class:`AsyncResult` of the list."""
+        return self._map_async(func, iterable, chunksize, "map", callback, error_callback)
+
+    def starmap_async(self, func: Callable[..., R], iterable: Iterable[Iterable[Any]],
+                      chunksize: int | None = None,
+                      callback: Callable[[list[R]], object] | None = None,
+                      error_callback: Callable[[BaseException], object] | None = None,
+                      ) -> AsyncResult[list[R]]:
+        """:meth:`starmap` without waiting: returns an :class:`AsyncResult` of the list."""
+        return self._map_async(func, iterable, chunksize, "star", callback, error_callback)
+
+    def imap(self, func: Callable[[T], R], iterable: Iterable[T], chunksize: int | None = None,
+             *, progress: Any = False) -> Iterator[R]:
+        """Results in input order, yielded as they complete; lazy, with bounded work in flight.
+
+        Work starts when iteration starts; at most a few items are sampled in the caller, so an
+        endless generator can be consumed partially. An exception ends the iteration.
+        """
+        return _flatten(self._start_stream(func, iterable, chunksize, progress, ordered=True))
+
+    def imap_unordered(self, func: Callable[[T], R], iterable: Iterable[T],
+                       chunksize: int | None = None, *, progress: Any = False) -> Iterator[R]:
+        """Like :meth:`imap`, but results are yielded in completion order."""
+        return _flatten(self._start_stream(func, iterable, chunksize, progress, ordered=False))
+
+    def close(self) -> None:
+        """Accept no more work; submitted work still finishes (see :meth:`join`)."""
+        if self._state == _RUN:
+            self._state = _CLOSE
+
+    def terminate(self) -> None:
+        """Stop at once: workers are killed and pending results fail."""
+        self._state = _TERMINATE
+        self._finalizer()
+        self._join_threads()
+
+    def join(self) -> None:
+        """Wait for submitted work and the workers to finish; call :meth:`close` first."""
+        if self._state == _RUN:
+            raise ValueError("Pool is still running")
+        self._join_threads()
+        if self._finalizer.detach() is not None:
+            self._backend.shutdown(wait=True)
+
+    def __enter__(self) -> Pool:
+        self._check_running()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.terminate()
+
+    def __reduce__(self) -> Any:
+        raise NotImplementedError(
+            "pool objects cannot be passed between processes or pickled")
+
+    def __repr__(self) -> str:
+        return f"<amortune.Pool state={self._state} pool_size={self._processes}>"
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_state", None) == _RUN:
+            try:
+                _warn(f"unclosed running amortune pool {self!r}", ResourceWarning, source=self)
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
+    # -- internals -------------------------------------------------------------------------
+    def _check_running(self) -> None:
+        if self._state != _RUN:
+            raise ValueError("Pool not running")
+
+    def _join_threads(self) -> None:
+        with self._lock:
+            threads = list(self._threads)
+        for t in threads:
+            if t is not threading.current_thread():
+                t.join()
+
+    def _map(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
+             mode: str, progress: Any) -> list[Any]:
+        self._check_running()
+        fn, size = _function_ref(func), _check_chunksize(chunksize)
+        out: list[Any] = []
+        for part in self._stream(fn, iterable, size, mode, progress, sample=None):
+            out.extend(part)
+        return out
+
+    def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
+                   chunksize: int | None, mode: str,
+                   callback: Callable[[Any], object] | None,
+                   error_callback: Callable[[BaseException], object] | None) -> AsyncResult[Any]:
+        self._check_running()
+        size = _check_chunksize(chunksize)
+        if not hasattr(iterable, "__len__"):
+            iterable = list(iterable)  # read the input now, as the stdlib does
+        result: AsyncResult[Any] = AsyncResult(self, callback, error_callback)
+        try:
+            fn = _function_ref(func)
+        except Exception as exc:
+            result._set(False, exc)
+            return result
+        # Nothing is sampled in the caller: the call must return at once, and terminate() must
+        # be able to stop every item (a thread running func in this process cannot be killed).
+        thread = threading.Thread(target=self._drive, args=(result, fn, iterable, size, mode),
+                                  name="amortune-pool-async", daemon=True)
+        with self._lock:
+            self._threads.add(thread)
+        thread.start()
+        return result
+
+    def _drive(self, result: AsyncResult[Any], fn: FunctionRef, items: Iterable[Any],
+               chunksize: int | None, mode: str) -> None:
+        try:
+            out: list[Any] = []
+            for part in self._stream(fn, items, chunksize, mode, False, sample=0):
+                out.extend(part)
+        except BaseException as exc:
+            result._set(False, exc)
+        else:
+            result._set(True, out)
+        finally:
+            with self._lock:
+                self._threads.discard(threading.current_thread())
+
+    def _start_stream(self, func: Callable[..., Any], iterable: Iterable[Any],
+                      chunksize: int | None, progress: Any, *, ordered: bool
+                      ) -> Iterator[list[Any]]:
+        self._check_running()
+        fn, size = _function_ref(func), _check_chunksize(chunksize)
+        return self._stream(fn, iterable, size, "map", progress, sample=IMAP_SAMPLE_ITEMS,
+                            ordered=ordered)
+
+    def _stream(self, fn: FunctionRef, iterable: Iterable[Any], chunksize: int | None,
+                mode: str, progress: Any, *, sample: int | None, ordered: bool = True,
+                ) -> Iterator[list[Any]]:
+        """Yield result lists: sampled results first, then chunks run on the backend.
+
+        ``sample`` is ``None`` to sample ``iterable`` as ``execute`` does, ``k`` to sample at
+        most ``k`` items, ``0`` to sample nothing.
+        """
+        total = count_items(iterable)
+        first, items, remaining, policy = self._prepare(fn, iterable, total, chunksize, mode, sample)
+        prog = None
+        if progress is not None and progress is not False:
+            prog = Progress(progress, None, total, initial=len(first))
+        try:
+            if first:
+                yield first
+            run = run_chunks if ordered else self._unordered
+            yield from run(self._backend, fn, items, start_index=len(first), policy=policy,
+                           n_remaining=remaining, mode=mode,
+                           on_progress=None if prog is None else prog.update)
+        finally:
+            if prog is not None:
+                prog.close()
+
+    def _prepare(self, fn: FunctionRef, iterable: Iterable[Any], total: int | None,
+                 chunksize: int | None, mode: str, sample: int | None,
+                 ) -> tuple[list[Any], Iterator[Any], int | None, ChunkPolicy]:
+        """Sample in the caller if allowed: (results so far, the rest, how many left, policy)."""
+        n, target = self._processes, self._config.target_chunk_seconds
+        if chunksize is not None:
+            return [], iter(iterable), total, FixedChunkPolicy(chunksize, n, target)
+        if not self._sample_in_caller or sample == 0:
+            # Chunks start at one item and grow with measured chunk times (ChunkPolicy).
+            return [], iter(iterable), total, ChunkPolicy(
+                1, n, target, dispatch_seconds=PROCESS_DISPATCH_SECONDS)
+        items = iter(iterable)
+        head = iterable if sample is None else list(itertools.islice(items, sample))
+        cfg = self._config.replace(sample_items=min(sample or (1 << 30), self._config.sample_items))
+        call = _Star(fn.func) if mode == "star" else fn.func
+        got = plan_run(call, head, cfg, n_jobs=n, executor="processes").sampled
+        if sample is not None:
+            items = itertools.chain(got.remaining_items(), items)
+        else:
+            items = got.remaining_items()
+        remaining = None if total is None else total - len(got.results)
+        if sample is None and got.n_remaining_known:
+            remaining = got.n_remaining
+        if remaining is not None and remaining * got.profile.item_wall_seconds <= target:
+            # Less than one target chunk of work left: dispatch, not balance, is the cost.
+            return got.results, items, remaining, FixedChunkPolicy(max(1, -(-remaining // n)), n,
+                                                                target)
+        initial = _process_chunksize(got.profile, remaining or 1 << 40, n, target)
+        return got.results, items, remaining, ChunkPolicy(
+            initial, n, target, dispatch_seconds=PROCESS_DISPATCH_SECONDS)
+
+    def _unordered(self, backend: ProcessBackend, fn: FunctionRef, items: Iterator[Any], *,
+                   start_index: int, policy: ChunkPolicy, n_remaining: int | None, mode: str,
+                   on_progress: Callable[[int], None] | None) -> Iterator[list[Any]]:
+        """Yield chunk results in completion order, with at most ``2n + 2`` chunks in flight."""
+        futures: dict[Future[ChunkOutcome], int] = {}
+        limit, start, remaining, exhausted = 2 * self._processes + 2, start_index, n_remaining, False
+        try:
+            while True:
+                while not exhausted and len(futures) < limit:
+                    batch = list(itertools.islice(items, policy.next_size(remaining)))
+                    if not batch:
+                        exhausted = True
+                        break
+                    futures[backend.submit(fn, batch, start, mode=mode)] = len(batch)
+                    start += len(batch)
+                    if remaining is not None:
+                        remaining = max(0, remaining - len(batch))
+                if not futures:
+                    return
+                done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
+                for fut in done:
+                    count = futures.pop(fut)
+                    outcome = fut.result()
+                    policy.observe(count, outcome.wall_seconds)
+                    if on_progress is not None:
+                        on_progress(count)
+                    yield outcome.results
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+
+def _flatten(parts: Iterator[list[Any]]) -> Iterator[Any]:
+    try:
+        for part in parts:
+            yield from part
+    finally:
+        parts.close()  # type: ignore[attr-defined]
+
+
+def _check_chunksize(chunksize: int | None) -> int | None:
+    if chunksize is None:
+        return None
+    size = operator.index(chunksize)
+    if size < 1:
+        raise ValueError(f"chunksize must be >= 1 or None, got {chunksize!r}")
+    return size
+
+
+def _function_ref(func: Callable[..., Any]) -> FunctionRef:
+    """The function as workers receive it; fails here, before any item runs, if it cannot travel."""
+    ref = FunctionRef(func)
+    try:
+        ref.payload  # noqa: B018 - pickle now
+    except Exception as exc:
+        raise NotPicklableError(
+            f"{func!r} cannot be pickled to send it to worker processes: {exc}") from exc
+    return ref
+
+
+def _complete_apply(result: AsyncResult[Any], fut: Future[ChunkOutcome]) -> None:
+    """Done-callback of an apply future (runs in the backend's manager thread)."""
+    try:
+        if fut.cancelled():
+            raise CancelledError("the pool was terminated")
+        exc = fut.exception()
+        if exc is None:
+            value = fut.result().results[0]
+        else:
+            notes = getattr(exc, "__notes__", None)
+            if isinstance(notes, list):  # "item 0" means nothing for apply
+                notes[:] = [n for n in notes if not n.startswith(_INDEX_NOTE)]
+    except BaseException as err:  # whatever happens, the result settles: get() never hangs
+        exc = err
+    if exc is None:
+        result._set(True, value)
+    else:
+        result._set(False, exc)

@@ -1,0 +1,565 @@
+"""Worker faults never hang the caller.
+
+The crash table (SIGKILL, ``os._exit``, segfault, ``SystemExit``) runs for every start method;
+then timeouts, retries, exceptions from ``func``, Ctrl-C and a killed caller (no orphans),
+unpicklable data, memory recycling, warm-pool reuse, and the manager-thread races of
+``ProcessBackend``. Anything that could hang runs in a fresh interpreter under
+``subprocess.run(..., timeout=...)`` or waits on a future with a timeout, so a hang fails the test
+instead of freezing the suite. No assertion is about elapsed time except the 2 s budget the
+design gives Ctrl-C and a dead caller to take every worker down.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import amortune
+from amortune import Config, NotPicklableError, WorkerCrashedError, _schedule
+from amortune._errors import RemoteTraceback, TaskTimeoutError
+from amortune._schedule import ChunkPolicy, RunStats, run_chunks
+from amortune.backends._base import Backend, ChunkOutcome, FunctionRef
+from amortune.backends.local import ProcessBackend, peek_warm_pool
+from tests import tasks
+
+REPO = Path(__file__).resolve().parents[1]
+#: Sampling runs the first items in the caller: two items only, so item 3 and later (where the
+#: faulty tasks misbehave) always run in a worker.
+FAST = {"sample_items": 2, "sample_seconds": 0.001, "target_chunk_seconds": 0.001}
+CRASH_KINDS = {  # crash kind -> (task that always crashes at item 5, expected exit code)
+    "kill": ("kill_self", -signal.SIGKILL),
+    "exit": ("exit_hard", 3),
+    "segv": ("segfault", -signal.SIGSEGV),
+    "sys_exit": ("sys_exit", 4),
+}
+PROLOGUE = """\
+import json, os, sys, tempfile, threading, time
+import amortune
+from amortune import Config
+from amortune.backends.local import ProcessBackend, peek_warm_pool
+from tests import tasks
+"""
+
+
+def run_script(body: str, *args: str, timeout: float = 60) -> Any:
+    """Run ``PROLOGUE + body`` in a fresh interpreter; return the JSON of its last output line."""
+    proc = subprocess.run([sys.executable, "-c", PROLOGUE + textwrap.dedent(body), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def gone(pid: int) -> bool:
+    """Exited (a zombie counts: this container's init does not reap orphans)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def wait_gone(pids: list[int], seconds: float) -> list[int]:
+    """Poll until every pid has exited or ``seconds`` pass; return those still alive."""
+    deadline = time.monotonic() + seconds
+    while True:
+        alive = [p for p in pids if not gone(p)]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.01)
+
+
+# -- the crash table ------------------------------------------------------------------------------
+
+_CRASH_RESULTS: dict[str, dict[str, Any]] = {}
+
+CRASH_SCRIPT = """
+from concurrent.futures.process import BrokenProcessPool
+method = sys.argv[1]
+cfg = Config(start_method=method, sample_items=2, sample_seconds=0.001, target_chunk_seconds=0.001)
+kinds = json.loads(sys.argv[2])
+out = {}
+for kind, func in kinds.items():
+    rec = out[kind] = {}
+    try:
+        amortune.execute(getattr(tasks, func), range(20), executor="processes", n_jobs=2,
+                         chunksize=3, config=cfg)
+        rec["error"] = None
+    except BaseException as exc:
+        rec["error"] = type(exc).__name__
+        rec["broken_pool"] = isinstance(exc, BrokenProcessPool)
+        rec["message"] = str(exc)
+        rec["exitcode"] = getattr(exc, "exitcode", None)
+        rec["indices"] = list(getattr(exc, "indices", ()))
+    try:  # always crashes: the retry crashes again, and the error says how often it was tried
+        amortune.execute(getattr(tasks, func), range(20), executor="processes", n_jobs=2,
+                         chunksize=3, retries=1, config=cfg)
+    except BaseException as exc:
+        rec["twice"] = [type(exc).__name__, getattr(exc, "__notes__", [])]
+    with tempfile.TemporaryDirectory() as d:
+        rec["retried"] = amortune.execute(tasks.crash_once_how, [(d, kind, i) for i in range(20)],
+                                          executor="processes", n_jobs=2, chunksize=3, retries=2,
+                                          config=cfg)
+    rec["after"] = amortune.execute(tasks.square, range(10), executor="processes", n_jobs=2,
+                                    config=cfg)
+print(json.dumps(out))
+"""
+
+
+def crash_results(method: str) -> dict[str, Any]:
+    """The whole crash table for one start method, run once in a fresh interpreter."""
+    if method not in _CRASH_RESULTS:
+        kinds = {kind: func for kind, (func, _) in CRASH_KINDS.items()}
+        _CRASH_RESULTS[method] = run_script(CRASH_SCRIPT, method, json.dumps(kinds), timeout=120)
+    return _CRASH_RESULTS[method]
+
+
+@pytest.mark.parametrize("kind", list(CRASH_KINDS))
+def test_crash_without_retries_names_exit_and_items(start_method: str, kind: str) -> None:
+    rec = crash_results(start_method)[kind]
+    _, code = CRASH_KINDS[kind]
+    assert rec["error"] == "WorkerCrashedError" and rec["broken_pool"], rec
+    assert rec["exitcode"] == code
+    reason = f"signal {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    assert reason in rec["message"]
+    assert 5 in rec["indices"] and "items " in rec["message"]
+    if kind == "sys_exit":
+        assert "SystemExit(4) at item 5" in rec["message"]
+
+
+@pytest.mark.parametrize("kind", list(CRASH_KINDS))
+def test_crash_with_retries_reruns_the_chunk(start_method: str, kind: str) -> None:
+    rec = crash_results(start_method)[kind]
+    assert rec["retried"] == list(range(20))
+    assert rec["after"] == [x * x for x in range(10)]  # the pool is usable afterwards
+    name, notes = rec["twice"]
+    assert name == "WorkerCrashedError"
+    assert any("failed 2 times (retries=1)" in n for n in notes)
+
+
+# -- timeouts -------------------------------------------------------------------------------------
+
+TIMEOUT_SCRIPT = """
+cfg = Config(sample_items=2, sample_seconds=0.001, target_chunk_seconds=0.001)
+amortune.execute(tasks.square, range(40), executor="processes", n_jobs=2, config=cfg)
+before = peek_warm_pool(cfg.start_method).pids()
+out = {}
+try:
+    amortune.execute(tasks.sleep_forever_at_3, range(8), executor="processes", n_jobs=2,
+                     chunksize=1, timeout=1.0, retries=int(sys.argv[1]), config=cfg)
+except BaseException as exc:
+    out.update(error=type(exc).__name__, timeout_error=isinstance(exc, TimeoutError),
+               message=str(exc), indices=list(getattr(exc, "indices", ())),
+               notes=getattr(exc, "__notes__", []))
+out["after"] = amortune.execute(tasks.square, range(10), executor="processes", n_jobs=2,
+                                chunksize=1, config=cfg)
+pool = peek_warm_pool(cfg.start_method)
+out["before"], out["now"] = before, pool.pids()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("retries", [0, 1])
+def test_timeout_kills_and_replaces_a_stuck_worker(retries: int) -> None:
+    out = run_script(TIMEOUT_SCRIPT, str(retries))
+    assert out["error"] == "TaskTimeoutError" and out["timeout_error"]
+    assert out["indices"] == [3] and "item 3" in out["message"]
+    if retries:  # retried once, stuck again
+        assert any("failed 2 times" in n for n in out["notes"])
+    assert out["after"] == [x * x for x in range(10)]
+    replaced = set(out["before"]) - set(out["now"])  # the retry may run on a replacement
+    assert 1 <= len(replaced) <= 1 + retries
+    assert not wait_gone(sorted(replaced), 5)
+
+
+def test_timeout_with_retry_recovers_an_item_slow_only_once() -> None:
+    out = run_script("""
+        cfg = Config(sample_items=2, sample_seconds=0.001, target_chunk_seconds=0.001)
+        with tempfile.TemporaryDirectory() as d:
+            got = amortune.execute(tasks.slow_once, [(d, i) for i in range(8)], timeout=1.0,
+                                   retries=1, n_jobs=2, chunksize=1, config=cfg)
+        print(json.dumps(got))
+    """)
+    assert out == list(range(8))
+
+
+# -- exceptions from func -------------------------------------------------------------------------
+
+
+def test_exception_keeps_type_cause_and_index(start_method: str) -> None:
+    cfg = Config(start_method=start_method, **FAST)
+    with pytest.raises(ValueError, match="bad item 7") as info:
+        amortune.execute(tasks.fail_on_7, range(30), executor="processes", n_jobs=2, chunksize=3,
+                         config=cfg)
+    assert isinstance(info.value.__cause__, RemoteTraceback)
+    assert "raise_value_error_at" in str(info.value.__cause__)
+    assert "amortune: raised while processing item 7" in info.value.__notes__
+
+
+def test_retry_on_transient_error(tmp_path: Path) -> None:
+    cfg = Config(**FAST)
+    data = [(str(tmp_path / "a"), i) for i in range(20)]
+    os.mkdir(tmp_path / "a")
+    assert amortune.execute(tasks.flaky_once, data, executor="processes", n_jobs=2, chunksize=2,
+                            retries=1, retry_on=(tasks.Flaky,), config=cfg) == list(range(20))
+    os.mkdir(tmp_path / "b")
+    data = [(str(tmp_path / "b"), i) for i in range(20)]
+    with pytest.raises(tasks.Flaky):  # not listed in retry_on: not retried
+        amortune.execute(tasks.flaky_once, data, executor="processes", n_jobs=2, chunksize=2,
+                         retries=1, config=cfg)
+
+
+# -- run_chunks against a scripted backend: every retry decision, no processes ------------------
+
+
+class ScriptedBackend(Backend):
+    """Runs chunks in the caller; a chunk containing item k fails ``fails[k]`` times first."""
+
+    kind = "scripted"
+
+    def __init__(self, fails: dict[int, tuple[str, int]]) -> None:
+        self.left = {k: n for k, (_, n) in fails.items()}
+        self.how = {k: how for k, (how, _) in fails.items()}
+        self.chunks: dict[int, int] = {}  # start -> length, every chunk ever submitted
+
+    def capacity(self) -> int:
+        return 3
+
+    def submit(self, fn: FunctionRef, items: list[Any], start: int, *, mode: str = "map",
+               timeout_seconds: float | None = None) -> Future[ChunkOutcome]:
+        self.chunks[start] = len(items)
+        fut: Future[ChunkOutcome] = Future()
+        inside = [k for k in range(start, start + len(items)) if k in self.how]
+        hit = [k for k in inside if self.left[k] > 0]
+        if hit:  # each attempt fails the way the chunk's first faulty item does
+            for k in hit:
+                self.left[k] -= 1
+            fut.set_exception(make_error(self.how[inside[0]], start, len(items)))
+        else:
+            fut.set_result(ChunkOutcome([fn.func(x) for x in items], 0.001, 0.001, 0))
+        return fut
+
+    def shutdown(self, wait: bool = True, *, kill: bool = False) -> None:
+        pass
+
+
+def make_error(how: str, start: int, n: int) -> BaseException:
+    indices = tuple(range(start, start + n))
+    if how == "crash":
+        return WorkerCrashedError("worker died", exitcode=-9, indices=indices)
+    if how == "timeout":
+        return TaskTimeoutError("too slow", indices=indices[:1])
+    if how == "transient":
+        return tasks.Flaky("transient")
+    return ValueError("permanent")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 60), chunksize=st.integers(1, 7), retries=st.integers(0, 2),
+       fails=st.dictionaries(st.integers(0, 59),
+                             st.tuples(st.sampled_from(["crash", "timeout", "transient", "bad"]),
+                                       st.integers(1, 2)), max_size=4))
+def test_run_chunks_retries_exactly_what_it_may(n: int, chunksize: int, retries: int,
+                                                fails: dict[int, tuple[str, int]]) -> None:
+    fails = {k: v for k, v in fails.items() if k < n}
+    backend = ScriptedBackend(fails)
+    stats = RunStats()
+    got: list[int] = []
+    error: BaseException | None = None
+    runs = run_chunks(backend, FunctionRef(tasks.square), iter(range(n)), start_index=0,
+                      policy=ChunkPolicy(chunksize, 3, 1.0, max_size=chunksize), n_remaining=n,
+                      retries=retries, retry_on=(tasks.Flaky,), stats=stats)
+    try:
+        with mock.patch.object(_schedule, "RETRY_BACKOFF_SECONDS", 0.0001):
+            for part in runs:
+                got.extend(part)
+    except (WorkerCrashedError, TaskTimeoutError, tasks.Flaky, ValueError) as exc:
+        error = exc
+    # The oracle: a chunk fails as often as the most stubborn item in it, and it is fatal when
+    # that is more than `retries` or the error is not retryable.
+    fatal = None
+    failures = 0
+    for start in sorted(backend.chunks):
+        inside = [fails[k] for k in range(start, start + backend.chunks[start]) if k in fails]
+        if inside:
+            how, times = inside[0][0], max(c for _, c in inside)
+            if how == "bad" or times > retries:
+                fatal = (start, how)
+                break
+            failures += times
+    if fatal is None:
+        assert error is None and got == [x * x for x in range(n)]
+        assert stats.retries == failures
+        return
+    start, how = fatal
+    assert error is not None and got == [x * x for x in range(start)]
+    assert type(error) is type(make_error(how, 0, 1))
+
+
+# -- Ctrl-C and a killed caller: no orphans -------------------------------------------------------
+
+BUSY_SCRIPT = """
+method, folder = sys.argv[1], sys.argv[2]
+
+def report():
+    while len(os.listdir(folder)) < 2:
+        time.sleep(0.01)
+    print(json.dumps(sorted(int(p) for p in os.listdir(folder))), flush=True)
+
+threading.Thread(target=report, daemon=True).start()
+amortune.execute(tasks.record_pid_and_sleep, [(folder, i) for i in range(10)],
+                 executor="processes", n_jobs=2, chunksize=1,
+                 config=Config(start_method=method, sample_items=2, sample_seconds=0.001))
+"""
+
+
+def start_busy_caller(method: str, folder: Path) -> tuple[subprocess.Popen[str], list[int], list[int]]:
+    """A caller whose two workers are busy; returns it, the worker pids and all its descendants.
+
+    Its stderr goes to a file: an orphaned worker would hold a pipe open and block the reader.
+    """
+    (folder / "pids").mkdir()
+    with open(folder / "stderr", "w") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", PROLOGUE + BUSY_SCRIPT, method, str(folder / "pids")],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True)
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 60)
+    line = proc.stdout.readline() if ready else ""
+    if not line:
+        reap(proc, [])
+        pytest.fail(f"the caller never reported its busy workers: {(folder / 'stderr').read_text()}")
+    workers = json.loads(line)
+    descendants = [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+    assert set(workers) <= set(descendants)
+    return proc, workers, descendants
+
+
+def reap(proc: subprocess.Popen[str], descendants: list[int]) -> None:
+    """Leave nothing behind, whatever the test found."""
+    for pid in descendants:
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=30)
+    if proc.stdout is not None:
+        proc.stdout.close()
+
+
+def test_ctrl_c_stops_every_worker(start_method: str, tmp_path: Path) -> None:
+    proc, workers, descendants = start_busy_caller(start_method, tmp_path)
+    try:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        assert proc.returncode != 0 and "KeyboardInterrupt" in (tmp_path / "stderr").read_text()
+        assert not wait_gone(workers, 2), "workers outlived a Ctrl-C"
+        assert not wait_gone(descendants, 2), "helper processes outlived the caller"
+    finally:
+        reap(proc, descendants)
+
+
+def test_killed_caller_leaves_no_orphans(start_method: str, tmp_path: Path) -> None:
+    proc, workers, descendants = start_busy_caller(start_method, tmp_path)
+    try:
+        proc.kill()
+        proc.wait(timeout=30)
+        assert not wait_gone(workers, 5), "workers outlived their killed caller"
+        assert not wait_gone(descendants, 5), "forkserver or tracker outlived the killed caller"
+    finally:
+        reap(proc, descendants)
+
+
+def test_exit_does_not_wait_for_abandoned_work() -> None:
+    # A chunk nobody will wait for (a failed run left it behind, say) sleeps for an hour in a
+    # warm worker: leaving the interpreter must kill that worker, not wait for it.
+    out = run_script("""
+        from amortune.backends._base import FunctionRef
+        cfg = Config(sample_items=2, sample_seconds=0.001)
+        amortune.execute(tasks.square, range(40), executor="processes", n_jobs=2, config=cfg)
+        pool = peek_warm_pool(cfg.start_method)
+        pool.submit(FunctionRef(tasks.sleep_forever_at_3), [3], 3)
+        time.sleep(0.2)
+        print(json.dumps(pool.pids()))
+    """, timeout=30)
+    assert not wait_gone(out, 5)
+
+
+# -- unpicklable data -----------------------------------------------------------------------------
+
+
+def _warm_pids(cfg: Config) -> list[int]:
+    amortune.execute(tasks.square, range(40), executor="processes", n_jobs=2, config=cfg)
+    pool = peek_warm_pool(cfg.start_method)
+    assert pool is not None
+    return sorted(pool.pids())
+
+
+@pytest.mark.parametrize("where", ["argument", "result", "argument_unpickle"])
+def test_unpicklable_data_names_the_item_and_keeps_the_pool(where: str) -> None:
+    cfg = Config(**FAST)
+    pids = _warm_pids(cfg)
+    data: list[Any] = list(range(20))
+    func: Any = tasks.identity
+    if where == "argument":
+        data[10] = tasks.Unpicklable()
+    elif where == "argument_unpickle":
+        data[10] = tasks.FailsToUnpickle()
+    else:
+        func = tasks.return_unpicklable
+    with pytest.raises(NotPicklableError) as info:
+        amortune.execute(func, data, executor="processes", n_jobs=2, chunksize=2, config=cfg)
+    if where == "argument_unpickle":  # the worker only knows which chunk held it
+        start = int(re.search(r"chunk starting at item (\d+)", str(info.value))[1])  # type: ignore[index]
+        assert start <= 10 and "cannot be unpickled in the worker" in str(info.value)
+    else:
+        assert ("item 10" if where == "argument" else "item 4") in str(info.value)
+    assert amortune.execute(tasks.square, range(30), executor="processes", n_jobs=2,
+                            config=cfg) == [x * x for x in range(30)]
+    assert sorted(peek_warm_pool(cfg.start_method).pids()) == pids  # type: ignore[union-attr]
+
+
+def test_unpicklable_function_fails_its_future_not_the_pool() -> None:
+    lock = threading.Lock()
+    backend = ProcessBackend(1, start_method="fork")
+    try:
+        fut = backend.submit(FunctionRef(lambda x: (lock, x)), [1], 0)
+        with pytest.raises(NotPicklableError, match="cannot be pickled"):
+            fut.result(timeout=30)
+        assert backend.submit(FunctionRef(tasks.square), [3], 0).result(timeout=30).results == [9]
+    finally:
+        backend.shutdown(wait=True, kill=True)
+
+
+# -- memory recycling and the warm pool -----------------------------------------------------------
+
+
+def test_worker_growing_past_the_limit_is_replaced_after_its_chunk() -> None:
+    cfg = Config(worker_memory_growth_bytes=8 << 20, **FAST)
+    out = amortune.execute(tasks.leak_mb, [(16, i) for i in range(12)], executor="processes",
+                           n_jobs=2, chunksize=1, config=cfg)
+    in_workers = out[2:]  # the first two items were sampled here, in the caller
+    assert all(held == 1 for _, held in in_workers), out  # every chunk had a fresh worker
+    assert len({pid for pid, _ in in_workers}) == len(in_workers)
+
+
+def test_without_a_limit_the_same_worker_keeps_its_memory() -> None:
+    # The control for the test above: the leak is real and visible when nothing recycles.
+    backend = ProcessBackend(1, start_method="forkserver", memory_growth_bytes=None)
+    try:
+        held = [backend.submit(FunctionRef(tasks.leak_mb), [(4, i)], i).result(timeout=30).results[0]
+                for i in range(3)]
+    finally:
+        backend.shutdown(wait=True, kill=True)
+    assert [n for _, n in held] == [1, 2, 3]
+
+
+def test_second_execute_reuses_the_warm_workers(start_method: str) -> None:
+    from amortune._optimize import _costs
+    from amortune._system import probe_system
+
+    cfg = Config(start_method=start_method)
+    data = [0.002] * 200
+    assert amortune.execute(tasks.spin, data, executor="processes", n_jobs=2, config=cfg) == data
+    pool = peek_warm_pool(start_method)
+    assert pool is not None
+    pids = sorted(pool.pids())
+    # What the model is told for the next call: workers are warm, so start-up costs nothing.
+    assert _costs(cfg, probe_system(cfg)).warm_workers >= 2
+    assert amortune.execute(tasks.spin, data, executor="processes", n_jobs=2, config=cfg) == data
+    assert peek_warm_pool(start_method) is pool
+    assert sorted(pool.pids()) == pids
+
+
+# -- ProcessBackend races -------------------------------------------------------------------------
+
+
+def test_cancelled_pending_tasks_do_not_stall_later_ones() -> None:
+    # One worker, busy; five queued chunks are cancelled, then one more is queued. Skipping the
+    # cancelled ones must still hand the last one to the worker.
+    backend = ProcessBackend(1, start_method="fork")
+    try:
+        busy = backend.submit(FunctionRef(tasks.sleep_then_return), [0.5], 0)
+        queued = [backend.submit(FunctionRef(tasks.square), [i], i) for i in range(5)]
+        assert all(f.cancel() for f in queued)
+        last = backend.submit(FunctionRef(tasks.square), [7], 7)
+        assert last.result(timeout=30).results == [49]
+        assert busy.result(timeout=30).results == [0.5]
+    finally:
+        backend.shutdown(wait=True, kill=True)
+
+
+def test_max_tasks_per_child_is_never_reported_as_a_crash() -> None:
+    backend = ProcessBackend(2, start_method="fork", max_tasks_per_child=1)
+    try:
+        futs = [backend.submit(FunctionRef(tasks.worker_pid), [i], i) for i in range(16)]
+        pids = [f.result(timeout=60).results[0] for f in futs]
+    finally:
+        backend.shutdown(wait=True, kill=True)
+    assert len(set(pids)) == 16
+
+
+def test_initializer_errors_fail_the_work_not_hang_it() -> None:
+    raising = ProcessBackend(2, start_method="fork", initializer=tasks.init_raises)
+    exiting = ProcessBackend(2, start_method="fork", initializer=tasks.init_exits)
+    try:
+        with pytest.raises(ValueError, match="init failed") as info:
+            raising.submit(FunctionRef(tasks.square), [1], 0).result(timeout=30)
+        assert isinstance(info.value.__cause__, RemoteTraceback)
+        with pytest.raises(WorkerCrashedError, match="exit code 7 before it was ready"):
+            exiting.submit(FunctionRef(tasks.square), [1], 0).result(timeout=30)
+        assert not raising.alive and not exiting.alive
+    finally:
+        raising.shutdown(wait=True, kill=True)
+        exiting.shutdown(wait=True, kill=True)
+
+
+def test_worker_dying_while_the_manager_sends_to_it() -> None:
+    # The worker is stopped, so the manager blocks writing a 64 MiB chunk to it. Killing the
+    # worker must fail that write (EPIPE) and the chunk goes to a fresh worker; a stopped worker
+    # must not keep shutdown(kill=True) waiting either.
+    out = run_script("""
+        import signal
+        from amortune.backends._base import FunctionRef
+        big = b"x" * (64 << 20)
+        out = {}
+        for how in ("kill_worker", "shutdown"):
+            backend = ProcessBackend(1, start_method="fork")
+            assert backend.submit(FunctionRef(len), [b"ab"], 0).result(timeout=30).results == [2]
+            pid = backend.pids()[0]
+            os.kill(pid, signal.SIGSTOP)
+            fut = backend.submit(FunctionRef(len), [big], 0)
+            time.sleep(0.3)
+            if how == "kill_worker":
+                os.kill(pid, signal.SIGKILL)
+                out[how] = fut.result(timeout=30).results
+                backend.shutdown(wait=True)
+            else:
+                backend.shutdown(wait=True, kill=True)
+                out[how] = type(fut.exception(timeout=30)).__name__
+        print(json.dumps(out))
+    """)
+    assert out == {"kill_worker": [64 << 20], "shutdown": "CancelledError"}
+
+
+def test_crash_error_is_a_broken_process_pool() -> None:
+    assert issubclass(WorkerCrashedError, BrokenProcessPool)
+    assert issubclass(TaskTimeoutError, TimeoutError)
