@@ -24,59 +24,20 @@ from ._errors import add_note
 from ._model import PROCESS_DISPATCH_SECONDS, THREAD_DISPATCH_SECONDS
 from ._optimize import PlannedRun, plan_run
 from ._profile import count_items
+from ._progress import Progress
 from ._schedule import ChunkPolicy, FixedChunkPolicy, RunStats, run_chunks
 from ._worker import rss_bytes
 from .backends._base import Backend, FunctionRef
-from .backends.local import ThreadBackend, discard_warm_pool, get_warm_pool
+from .backends.local import discard_warm_pool, get_warm_pool
+from .backends.threads import ThreadBackend
 
-__all__ = ["Progress", "estimate_safe_batch_size", "execute", "process_in_batches", "stream_results"]
+__all__ = ["estimate_safe_batch_size", "execute", "process_in_batches", "stream_results"]
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 #: The serial loop reports progress every this many items (a tqdm update costs ~1 µs).
 _SERIAL_PROGRESS_STEP = 256
-
-
-class Progress:
-    """Fans item counts out to a tqdm bar and/or a ``progress_callback(phase, fraction)``."""
-
-    def __init__(self, progress: Any, callback: Callable[[str, float], None] | None,
-                 total: int | None, initial: int = 0, desc: str = "amortune") -> None:
-        self.callback, self.total, self.done = callback, total, initial
-        self.bar: Any = None
-        self._own = False
-        if progress is True:
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="item", desc=desc, dynamic_ncols=True)
-            self._own = True
-        elif progress is not None and progress is not False:
-            self.bar = progress
-            if total is not None and getattr(self.bar, "total", None) is None:
-                self.bar.total = total
-            self.bar.update(initial)
-        if callback is not None:
-            callback("optimize", 1.0)
-            self._emit()
-
-    def update(self, n: int) -> None:
-        self.done += n
-        if self.bar is not None:
-            self.bar.update(n)
-        if self.callback is not None:
-            self._emit()
-
-    def _emit(self) -> None:
-        if self.callback is not None:
-            frac = self.done / self.total if self.total else 0.0
-            self.callback("execute", min(1.0, frac))
-
-    def close(self) -> None:
-        if self.callback is not None and self.total is None:
-            self.callback("execute", 1.0)
-        if self._own and self.bar is not None:
-            self.bar.close()
 
 
 def _serial(func: Callable[[Any], Any], items: Iterator[Any], offset: int,

@@ -15,7 +15,7 @@ Each pool owns a private ProcessBackend (initializer and maxtasksperchild are pe
 construction and stopped by close()+join(), terminate(), the context manager or a finalizer. A
 dead worker fails its chunk with WorkerCrashedError instead of hanging the caller; the user's
 exceptions come back with their own type. Imports the engine (``_schedule``, ``backends``,
-``_optimize``) and ``_batches.Progress``; nothing imports this module but ``__init__``.
+``_optimize``) and ``_progress.Progress``; nothing imports this module but ``__init__``.
 """
 
 from __future__ import annotations
@@ -32,12 +32,12 @@ from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
 from multiprocessing import TimeoutError as MPTimeoutError
 from typing import Any, Generic, TypeVar
 
-from ._batches import Progress
 from ._config import Config
 from ._errors import NotPicklableError
 from ._model import PROCESS_DISPATCH_SECONDS, _process_chunksize
 from ._optimize import plan_run
 from ._profile import count_items
+from ._progress import Progress
 from ._schedule import ChunkPolicy, FixedChunkPolicy, run_chunks
 from ._system import probe_system
 from .backends._base import ChunkOutcome, FunctionRef

@@ -24,7 +24,8 @@ from typing import Any
 from amortune import _model
 from amortune._config import default_start_method
 from amortune.backends._base import FunctionRef
-from amortune.backends.local import _DEFAULT_START_COSTS, ProcessBackend, ThreadBackend
+from amortune.backends.local import _DEFAULT_START_COSTS, ProcessBackend
+from amortune.backends.threads import ThreadBackend
 
 MB = 1 << 20
 

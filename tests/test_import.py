@@ -32,6 +32,7 @@ LAYERS: dict[str, float] = {
     "amortune._worker": 1,
     "amortune._profile": 2,
     "amortune._plan": 2,
+    "amortune._progress": 2,
     "amortune._optimize": 3,
     "amortune._spill": 3,
     "amortune._checkpoint": 3,

@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, Future, InvalidStateError
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
@@ -40,10 +40,10 @@ from .._errors import (
     exit_reason,
     rebuild,
 )
-from .._worker import dumps, first_unpicklable, load_prctl, run_items, worker_main
+from .._worker import dumps, first_unpicklable, load_prctl, worker_main
 from ._base import Backend, ChunkOutcome, FunctionRef
 
-__all__ = ["ProcessBackend", "ThreadBackend", "get_warm_pool", "peek_warm_pool",
+__all__ = ["ProcessBackend", "get_warm_pool", "peek_warm_pool",
            "shutdown_warm_pools", "discard_warm_pool", "start_cost"]
 
 log = logging.getLogger("amortune")
@@ -105,7 +105,25 @@ class _Worker:
 # Measured start-up per start method, filled by the first pool of each method in this process:
 # (seconds until the first worker is ready, seconds per further worker).
 _START_COSTS: dict[str, tuple[float, float]] = {}
-_DEFAULT_START_COSTS = {"fork": (0.006, 0.002), "forkserver": (0.05, 0.006), "spawn": (0.05, 0.04)}
+# Before anything was measured here: a cold forkserver or spawn pool needs ~0.1 s for its first
+# worker (a fresh interpreter plus imports, measured by benchmarks/calibrate.py).
+_DEFAULT_START_COSTS = {"fork": (0.01, 0.002), "forkserver": (0.1, 0.006), "spawn": (0.1, 0.05)}
+
+
+def _preload_forkserver() -> None:
+    """Have the fork server import the worker code once, so each worker starts without it.
+
+    Otherwise every worker pays 20-60 ms importing amortune (on Python 3.11 the server does not
+    even preload ``__main__``); preloaded, a worker forked from a running server is ready in
+    ~4-7 ms. Modules already listed are kept; a server that already runs is not affected.
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    current = list(getattr(server, "_preload_modules", None) or ["__main__"])
+    wanted = [m for m in ("amortune._worker",) if m not in current]
+    if wanted:
+        mp.set_forkserver_preload(current + wanted)
 
 
 def start_cost(start_method: str) -> tuple[float, float]:
@@ -125,6 +143,8 @@ class ProcessBackend(Backend):
         if n_workers < 1:
             raise ValueError(f"n_workers must be >= 1, got {n_workers}")
         self._ctx: Any = mp.get_context(start_method)
+        if start_method == "forkserver":
+            _preload_forkserver()
         self.start_method = start_method
         self._n = n_workers
         self._thread_cap = thread_cap
@@ -469,38 +489,6 @@ def _kill(process: Any) -> None:
         process.kill()
     except (OSError, ValueError, AttributeError):
         pass
-
-
-class ThreadBackend(Backend):
-    """Threads in this process: for items that wait (I/O, sleep, GIL-free native code)."""
-
-    kind = "threads"
-
-    def __init__(self, n_threads: int) -> None:
-        self._n = n_threads
-        self._pool = ThreadPoolExecutor(max_workers=n_threads, thread_name_prefix="amortune")
-
-    def capacity(self) -> int:
-        return self._n
-
-    def submit(self, fn: FunctionRef, items: list[Any], start: int, *, mode: str = "map",
-               timeout_seconds: float | None = None) -> Future[ChunkOutcome]:
-        return self._pool.submit(_run_in_thread, fn.func, items, start, mode)
-
-    def shutdown(self, wait: bool = True, *, kill: bool = False) -> None:
-        self._pool.shutdown(wait=wait, cancel_futures=True)
-
-
-def _run_in_thread(func: Callable[..., Any], items: list[Any], start: int, mode: str) -> ChunkOutcome:
-    wall0, cpu0 = time.perf_counter(), time.thread_time()
-    try:
-        results = run_items(func, items, start, mode)
-    except BaseException as exc:
-        index = getattr(exc, "amortune_index", None)
-        if index is not None:
-            add_note(exc, f"amortune: raised while processing item {index}")
-        raise
-    return ChunkOutcome(results, time.perf_counter() - wall0, time.thread_time() - cpu0, 0)
 
 
 # -- the warm pool ---------------------------------------------------------------------------
