@@ -7,7 +7,8 @@ Data flow::
                                                                (warm process pool or threads)
     results: sampled results + the rest, in input order ──▶ list, spill segments or a reduction
 
-Owns progress reporting and Ctrl-C handling (workers are killed, never orphaned).
+Owns the batch loop (budget, spill, reduce, checkpoint) and Ctrl-C handling (workers are
+killed, never orphaned); progress reporting lives in ``_progress``.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def stream_results(
             n_remaining=n_remaining,
             retries=config.retries,
             retry_on=config.retry_on,
+            retry_backoff_seconds=config.retry_backoff_seconds,
             timeout_seconds=config.timeout_seconds,
             max_chunks_in_flight=2 * n_workers + 1,
             max_items_in_flight=max_items_in_flight,

@@ -49,9 +49,10 @@ class Config:
         Share of available memory results in flight may take (``max_memory_percent``).
     worker_memory_growth_bytes:
         A worker whose resident memory grows by more than this is replaced after its chunk.
-    retries, timeout_seconds, retry_on:
+    retries, timeout_seconds, retry_on, retry_backoff_seconds:
         Fault handling: how many times a lost or failing chunk is re-run, the per-item timeout,
-        and which exception types from ``func`` count as transient.
+        which exception types from ``func`` count as transient, and the first retry's delay
+        (doubling with each further try).
     """
 
     max_workers: int | None = None
@@ -65,6 +66,7 @@ class Config:
     retries: int = 0
     timeout_seconds: float | None = None
     retry_on: tuple[type[BaseException], ...] = ()
+    retry_backoff_seconds: float = 0.05
 
     def __post_init__(self) -> None:
         if self.max_workers is not None and self.max_workers < 1:
@@ -91,6 +93,9 @@ class Config:
             raise ValueError(f"retries must be >= 0, got {self.retries!r}")
         if self.timeout_seconds is not None and not self.timeout_seconds > 0:
             raise ValueError(f"timeout must be > 0 or None, got {self.timeout_seconds!r}")
+        if self.retry_backoff_seconds < 0:
+            raise ValueError(
+                f"retry_backoff_seconds must be >= 0, got {self.retry_backoff_seconds!r}")
         if not all(isinstance(t, type) and issubclass(t, BaseException) for t in self.retry_on):
             raise TypeError(f"retry_on must be a tuple of exception types, got {self.retry_on!r}")
 

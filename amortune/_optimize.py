@@ -14,7 +14,7 @@ from typing import Any
 from ._config import Config
 from ._model import IO_BOUND_CPU_SHARE, Costs, decide
 from ._plan import OptimizationResult
-from ._profile import READ_AHEAD_ITEMS, Sampled, sample
+from ._profile import READ_AHEAD_ITEMS, Sampled, sample, unsampled
 from ._system import SystemSnapshot, probe_system
 from .backends.local import get_warm_pool, peek_warm_pool, start_cost
 
@@ -73,6 +73,17 @@ def plan_run(
     if executor not in (None, "serial", "processes", "threads"):
         raise ValueError(f"executor must be 'serial', 'processes', 'threads' or None, got {executor!r}")
     system = probe_system(config)
+    reasons: list[str] = []
+    warnings: list[str] = []
+    if executor in (None, "processes") and _in_daemon_process():
+        # A daemonic process (an amortune or multiprocessing worker) may not have children.
+        if executor == "processes":
+            warnings.append("processes are not available inside a worker process; running "
+                            "serially instead")
+        else:
+            reasons.append("running inside a worker process, which cannot start workers of its "
+                           "own: nested calls stay in this process")
+        executor, n_jobs = "serial", None
 
     def start_workers_early(wall: float, cpu: float, n_total: int | None) -> None:
         # CPU-bound work that will take a while: start the warm pool now, so the workers boot
@@ -82,20 +93,27 @@ def plan_run(
         if cpu < IO_BOUND_CPU_SHARE * wall:
             return
         if wall * (n_total if n_total is not None else READ_AHEAD_ITEMS) >= PRESTART_SECONDS:
-            get_warm_pool(system.usable_cores, config.start_method,
+            get_warm_pool(system.usable_cores, config.start_method, thread_cap=1,
                           memory_growth_bytes=config.worker_memory_growth_bytes)
 
-    sampled = sample(func, data, config, on_first_item=start_workers_early)
-    reasons: list[str] = []
-    warnings: list[str] = []
-    if config.timeout_seconds is not None and executor is None and sampled.n_remaining:
-        # Only a process can be stopped in the middle of an item.
-        if sampled.profile.picklable:
+    planned_chunksize = chunksize
+    sampled: Sampled | None = None
+    if config.timeout_seconds is not None:
+        if executor in ("serial", "threads"):
+            warnings.append(f"timeout is ignored: {executor} cannot be stopped in the middle of "
+                            "an item; only processes can")
+        elif (sampled := unsampled(func, data)) is not None:
+            # Only a process can be stopped in the middle of an item, so with a timeout no item
+            # runs in the caller: chunks start at one item and grow with measured chunk times.
             executor = "processes"
-            reasons.append("a timeout was given, so items run in processes that can be killed")
+            planned_chunksize = chunksize or 1
+            reasons.append("a timeout was given: every item runs in a process that can be "
+                           "killed, none in the caller")
         else:
             warnings.append("timeout is ignored: the function cannot be pickled to run in a "
                             "process that could be stopped")
+    if sampled is None:
+        sampled = sample(func, data, config, on_first_item=start_workers_early)
     if executor == "processes" and not sampled.profile.picklable:
         warnings.append(f"cannot use processes: {sampled.profile.not_picklable_reason}; "
                         "running serially instead")
@@ -109,14 +127,14 @@ def plan_run(
         _costs(config, system),
         n_items_known=sampled.n_remaining_known,
         n_jobs=n_jobs,
-        chunksize=chunksize,
+        chunksize=planned_chunksize,
         executor=executor,
     )
     n_items = (sampled.profile.n_sampled + sampled.n_remaining
                if sampled.n_remaining_known else None)
     # A re-iterable input is handed back as is; a one-shot iterator is chained back together
     # (sampled items, read-ahead, rest). Only one of plan.data and the run consumes ``rest``.
-    chained: Iterable[Any] = data if _reiterable(data) else itertools.chain(
+    chained: Iterable[Any] = data if iter(data) is not sampled.rest else itertools.chain(
         sampled.inputs, sampled.read_ahead, sampled.rest)
     plan = OptimizationResult.from_decision(
         decision,
@@ -131,8 +149,10 @@ def plan_run(
     return PlannedRun(plan, sampled, system, chunksize_pinned=chunksize is not None)
 
 
-def _reiterable(data: Iterable[Any]) -> bool:
-    return iter(data) is not data
+def _in_daemon_process() -> bool:
+    import multiprocessing
+
+    return bool(multiprocessing.current_process().daemon)
 
 
 def optimize(

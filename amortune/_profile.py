@@ -23,7 +23,7 @@ from ._config import Config
 from ._errors import add_note
 from ._model import PARALLEL_FLOOR_SECONDS, WorkloadProfile
 
-__all__ = ["Sampled", "sample", "result_nbytes", "count_items"]
+__all__ = ["Sampled", "count_items", "result_nbytes", "sample", "unsampled"]
 
 #: Read-ahead to learn a generator's length stops at this many items or this many bytes of input.
 READ_AHEAD_ITEMS = 4096
@@ -161,13 +161,20 @@ def sample(
     deadline = start + config.sample_seconds
     limit = config.sample_items
     for item in it:
-        c0 = cpu_clock()
-        t0 = clock()
-        try:
-            r = func(item)
-        except BaseException as exc:
-            add_note(exc, f"amortune: raised while processing item {len(results)}")
-            raise
+        attempt = 0
+        while True:
+            c0 = cpu_clock()
+            t0 = clock()
+            try:
+                r = func(item)
+                break
+            except BaseException as exc:
+                if config.retry_on and isinstance(exc, config.retry_on) and attempt < config.retries:
+                    attempt += 1  # a transient failure: the same backoff as chunks get
+                    time.sleep(config.retry_backoff_seconds * 2 ** (attempt - 1))
+                    continue
+                add_note(exc, f"amortune: raised while processing item {len(results)}")
+                raise
         t1 = clock()
         cpus.append(cpu_clock() - c0)
         results.append(r)
@@ -186,7 +193,7 @@ def sample(
     if n_total is not None:
         n_remaining, known = n_total - n, True
     else:
-        read_ahead, limit = _read_ahead(it, inputs)
+        read_ahead, it, limit = _read_ahead(it, inputs)
         known = len(read_ahead) < limit
         n_remaining = len(read_ahead)
 
@@ -241,6 +248,21 @@ def sample(
     return Sampled(profile, results, inputs, read_ahead, it, n_remaining, known, func_bytes)
 
 
+def unsampled(func: Callable[..., Any], data: Iterable[Any]) -> Sampled | None:
+    """A :class:`Sampled` with nothing run in the caller (``None`` if ``func`` cannot travel).
+
+    For runs where no item may execute in the caller, such as a per-item timeout: the plan then
+    starts from one-item chunks and the scheduler measures the rest.
+    """
+    func_bytes, why = _func_bytes(func)
+    if func_bytes is None:
+        return None
+    n_total = count_items(data)
+    profile = WorkloadProfile(n_sampled=0, sampled_wall_seconds=0.0, item_wall_seconds=0.0,
+                              item_cpu_seconds=0.0)
+    return Sampled(profile, [], [], [], iter(data), n_total or 0, n_total is not None, func_bytes)
+
+
 def _runqueue_seconds() -> float:
     """Seconds this thread has waited for a CPU (Linux schedstat), 0.0 where unavailable."""
     try:
@@ -250,7 +272,24 @@ def _runqueue_seconds() -> float:
         return 0.0
 
 
-def _read_ahead(it: Iterator[Any], sampled_inputs: list[Any]) -> tuple[list[Any], int]:
+class _Raises:
+    """An iterator that raises the input's own error where the input failed."""
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc: BaseException | None = exc
+
+    def __iter__(self) -> _Raises:
+        return self
+
+    def __next__(self) -> Any:
+        exc, self.exc = self.exc, None
+        if exc is None:
+            raise StopIteration
+        raise exc
+
+
+def _read_ahead(it: Iterator[Any], sampled_inputs: list[Any]
+                ) -> tuple[list[Any], Iterator[Any], int]:
     """Buffer the next items of a length-less input so the model knows how much work is left."""
     per_item = 0
     if sampled_inputs:
@@ -261,4 +300,11 @@ def _read_ahead(it: Iterator[Any], sampled_inputs: list[Any]) -> tuple[list[Any]
     limit = READ_AHEAD_ITEMS
     if per_item:
         limit = max(1, min(limit, READ_AHEAD_BYTES // per_item))
-    return list(itertools.islice(it, limit)), limit
+    items: list[Any] = []
+    try:
+        items.extend(itertools.islice(it, limit))
+    except Exception as exc:
+        # The input itself failed: the items before the failure still run first (as in map),
+        # and the error is raised in its place, once they are done.
+        return items, _Raises(exc), len(items) + 1
+    return items, it, limit

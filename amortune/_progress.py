@@ -17,6 +17,7 @@ class Progress:
     def __init__(self, progress: Any, callback: Callable[[str, float], None] | None,
                  total: int | None, initial: int = 0, desc: str = "amortune") -> None:
         self.callback, self.total, self.done = callback, total, initial
+        self._last = -1.0
         self.bar: Any = None
         self._own = False
         if progress is True:
@@ -42,11 +43,14 @@ class Progress:
 
     def _emit(self) -> None:
         if self.callback is not None:
-            frac = self.done / self.total if self.total else 0.0
-            self.callback("execute", min(1.0, frac))
+            frac = self.done / self.total if self.total else (1.0 if self.total == 0 else 0.0)
+            self._last = min(1.0, frac)
+            self.callback("execute", self._last)
 
     def close(self) -> None:
-        if self.callback is not None and self.total is None:
+        """Report completion once (unknown totals and empty input included); close an own bar."""
+        if self.callback is not None and self._last < 1.0:
+            self._last = 1.0
             self.callback("execute", 1.0)
         if self._own and self.bar is not None:
             self.bar.close()

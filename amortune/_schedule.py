@@ -141,6 +141,7 @@ def run_chunks(
     mode: str = "map",
     retries: int = 0,
     retry_on: tuple[type[BaseException], ...] = (),
+    retry_backoff_seconds: float = RETRY_BACKOFF_SECONDS,
     timeout_seconds: float | None = None,
     max_chunks_in_flight: int | None = None,
     max_items_in_flight: int | None = None,
@@ -182,7 +183,17 @@ def run_chunks(
                    and len(futures) + len(delayed) < max_chunks
                    and unyielded_items < max_items and len(window) < max_window):
                 size = policy.next_size(remaining)
-                batch = list(itertools.islice(items, size))
+                batch: list[Any] = []
+                try:
+                    batch.extend(itertools.islice(items, size))
+                except Exception as input_exc:
+                    # The input itself failed: run what was read, and raise the input's error
+                    # in its place in input order, after every earlier item's result or error.
+                    exhausted = True
+                    failed = _Chunk(next_start + len(batch), [])
+                    failed.error = input_exc
+                    window[failed.start] = failed
+                    failed_at = failed.start if failed_at is None else min(failed_at, failed.start)
                 if not batch:
                     exhausted = True
                     break
@@ -241,7 +252,7 @@ def run_chunks(
                 if (lost or transient) and chunk.attempts <= retries:
                     stats.retries += 1
                     if transient:
-                        due = time.perf_counter() + RETRY_BACKOFF_SECONDS * 2 ** (chunk.attempts - 1)
+                        due = time.perf_counter() + retry_backoff_seconds * 2 ** (chunk.attempts - 1)
                         heapq.heappush(delayed, (due, next(order), chunk))
                     else:
                         submit(chunk)

@@ -289,3 +289,27 @@ class FailsToUnpickle:
 
     def __reduce__(self) -> Any:
         return _refuse_to_unpickle, ()
+
+
+def nested_execute(x: int) -> int:
+    """Runs amortune inside a worker process (nested call)."""
+    import amortune
+
+    return sum(amortune.execute(square, range(x, x + 50), executor="processes"))
+
+
+def stuck_first(x: int) -> int:
+    if x == 0:
+        time.sleep(3600)
+    return x
+
+
+_seen_flaky: set[int] = set()
+
+
+def flaky_in_process(x: int) -> int:
+    """Fails the first time it sees item 1 in this process (a transient error)."""
+    if x == 1 and x not in _seen_flaky:
+        _seen_flaky.add(x)
+        raise Flaky(x)
+    return x

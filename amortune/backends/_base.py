@@ -1,7 +1,7 @@
 """The small interface every place-to-run implements, and the values that cross it.
 
 A backend only runs chunks: tuning, ordering, retries, progress, spill and checkpoints live once,
-in the scheduler. Imports the standard library and ``_worker`` (for pickling) only.
+in the scheduler. Imports the standard library only (cloudpickle lazily, for functions).
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
 from .._errors import (
+    AmortuneError,
     NotPicklableError,
     TaskTimeoutError,
     WorkerCrashedError,
@@ -54,6 +55,8 @@ _JOIN_SECONDS = 1.0
 _START_TIMEOUT_SECONDS = 60.0
 #: Workers dying before they are ready this many times in a row break the pool.
 _MAX_START_FAILURES = 3
+#: Delay before trying again to start a worker whose start failed.
+_START_RETRY_SECONDS = 0.1
 
 
 def _settle(fut: Future[Any], exc: BaseException | None = None, result: Any = None) -> None:
@@ -142,6 +145,9 @@ class ProcessBackend(Backend):
                  memory_growth_bytes: int | None = None) -> None:
         if n_workers < 1:
             raise ValueError(f"n_workers must be >= 1, got {n_workers}")
+        if mp.current_process().daemon:
+            raise AmortuneError("a worker process cannot start worker processes of its own "
+                                "(it is daemonic); run nested maps serially or on threads")
         self._ctx: Any = mp.get_context(start_method)
         if start_method == "forkserver":
             _preload_forkserver()
@@ -160,6 +166,7 @@ class ProcessBackend(Backend):
         self._closing = self._killing = self._abandon = False
         self._broken: BaseException | None = None
         self._start_failures = 0
+        self._retry_start_at: float | None = None
         self._first_start: float | None = None
         self._thread = threading.Thread(target=self._manage, name="amortune-manager", daemon=True)
         self._thread.start()
@@ -292,6 +299,8 @@ class ProcessBackend(Backend):
                     self._spawn()
                 except Exception as exc:
                     self._start_failed(f"could not start a worker process: {exc!r}")
+                    # Try again soon (a passing EMFILE/EAGAIN) even if nothing else wakes us.
+                    self._retry_start_at = time.perf_counter() + _START_RETRY_SECONDS
                     break
             self._assign()
             waitables: list[Any] = [self._wake_r]
@@ -429,6 +438,9 @@ class ProcessBackend(Backend):
                      if w.task is not None and w.task.timeout is not None and not w.retiring]
         deadlines += [w.started_at + _START_TIMEOUT_SECONDS for w in self._workers
                       if not w.ready and not w.retiring]
+        if self._retry_start_at is not None:
+            deadlines.append(self._retry_start_at)
+            self._retry_start_at = None
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - time.perf_counter()) + 0.001
