@@ -197,9 +197,8 @@ def _warn(run: PlannedRun) -> None:
 
     from ._errors import AmortuneWarning
 
-    for message in run.plan.warnings:
-        if "cannot" in message or "ignored" in message:
-            warnings.warn(message, AmortuneWarning, stacklevel=3)
+    for message in run.fallbacks:
+        warnings.warn(message, AmortuneWarning, stacklevel=3)
 
 
 def estimate_safe_batch_size(result_size_bytes: int, max_memory_percent: float = 0.5) -> int:

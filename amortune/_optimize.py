@@ -33,6 +33,8 @@ class PlannedRun:
     sampled: Sampled
     system: SystemSnapshot
     chunksize_pinned: bool = False
+    #: Warnings about a request that could not be honoured (a fallback), as opposed to advice.
+    fallbacks: tuple[str, ...] = ()
 
 
 def _costs(config: Config, system: SystemSnapshot) -> Costs:
@@ -146,7 +148,8 @@ def plan_run(
         extra_reasons=tuple(reasons),
         extra_warnings=tuple(warnings),
     )
-    return PlannedRun(plan, sampled, system, chunksize_pinned=chunksize is not None)
+    return PlannedRun(plan, sampled, system, chunksize_pinned=chunksize is not None,
+                      fallbacks=tuple(warnings))
 
 
 def _in_daemon_process() -> bool:

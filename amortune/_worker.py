@@ -40,6 +40,10 @@ THREAD_ENV_VARS = (
     "NUMEXPR_NUM_THREADS",
 )
 
+#: Functions a worker keeps unpickled, oldest evicted first; the caller mirrors this exactly to
+#: know which functions it must send again.
+FUNC_CACHE_SIZE = 16
+
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _PR_SET_PDEATHSIG = 1
 _prctl: Any = None
@@ -215,7 +219,7 @@ def _serve(conn: Any, max_tasks: int | None) -> None:
             return
         if msg[0] == "func":
             _, token, payload = msg
-            if len(funcs) >= 16:
+            if len(funcs) >= FUNC_CACHE_SIZE:  # the manager evicts the same one (oldest first)
                 funcs.pop(next(iter(funcs)))
             try:
                 funcs[token] = pickle.loads(payload)

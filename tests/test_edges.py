@@ -146,3 +146,15 @@ def test_progress_callback_completes_on_empty_input():
 
 def test_daemon_flag_is_what_nested_detection_reads():
     assert mp.current_process().daemon is False
+
+
+def test_more_functions_than_a_worker_caches_are_resent_when_needed():
+    """A worker evicts its oldest function; the caller must send it again, not assume it."""
+    from amortune._worker import FUNC_CACHE_SIZE
+
+    funcs = [(lambda k: (lambda x: x + k))(k) for k in range(FUNC_CACHE_SIZE + 3)]
+    for _ in range(2):
+        for k, f in enumerate(funcs):
+            got = amortune.execute(f, range(40), executor="processes", n_jobs=2, chunksize=5,
+                                   config=FAST)
+            assert got == [x + k for x in range(40)]

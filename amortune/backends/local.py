@@ -41,7 +41,7 @@ from .._errors import (
     exit_reason,
     rebuild,
 )
-from .._worker import dumps, first_unpicklable, load_prctl, worker_main
+from .._worker import FUNC_CACHE_SIZE, dumps, first_unpicklable, load_prctl, worker_main
 from ._base import Backend, ChunkOutcome, FunctionRef
 
 __all__ = ["ProcessBackend", "get_warm_pool", "peek_warm_pool",
@@ -99,7 +99,7 @@ class _Worker:
         self.task: _Task | None = None
         self.item_started = self.started_at = time.perf_counter()
         self.item_index = 0
-        self.funcs: set[str] = set()
+        self.funcs: dict[str, None] = {}  # tokens the worker holds, in the order it got them
         self.ready = self.retiring = False  # retiring: asked to exit, or killed; gets no task
         self.rss = self.baseline_rss = self.tasks_done = 0
         self.note = ""  # why it died, when the worker or the manager knows better than the code
@@ -331,7 +331,9 @@ class ProcessBackend(Backend):
             try:
                 if task.fn.token not in w.funcs:
                     w.conn.send_bytes(dumps(("func", task.fn.token, task.fn.payload)))
-                    w.funcs.add(task.fn.token)
+                    if len(w.funcs) >= FUNC_CACHE_SIZE:
+                        w.funcs.pop(next(iter(w.funcs)))
+                    w.funcs[task.fn.token] = None
                 msg = ("task", id(task), task.fn.token, task.start, task.mode, task.payload,
                        task.timeout is not None)
                 w.conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
