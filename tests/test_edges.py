@@ -152,7 +152,10 @@ def test_more_functions_than_a_worker_caches_are_resent_when_needed():
     """A worker evicts its oldest function; the caller must send it again, not assume it."""
     from amortune._worker import FUNC_CACHE_SIZE
 
-    funcs = [(lambda k: (lambda x: x + k))(k) for k in range(FUNC_CACHE_SIZE + 3)]
+    def adder(k: int):
+        return lambda x: x + k
+
+    funcs = [adder(k) for k in range(FUNC_CACHE_SIZE + 3)]
     for _ in range(2):
         for k, f in enumerate(funcs):
             got = amortune.execute(f, range(40), executor="processes", n_jobs=2, chunksize=5,
