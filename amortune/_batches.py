@@ -323,12 +323,11 @@ def process_in_batches(
         ckpt = Checkpoint.open(checkpoint, fingerprint=function_fingerprint(func),
                                mode="list" if reduce is None else "reduce",
                                function_name=describe_function(func))
-    store = None
+    sink = _BatchSink(reduce, ckpt)
     try:
         source: Iterable[Any] = data
         it = iter(data)
         done_items = 0
-        aggregate: Any = _NOTHING
         if ckpt is not None and ckpt.batches:
             from ._checkpoint import input_digest
 
@@ -339,7 +338,7 @@ def process_in_batches(
             n_total = count_items(data)
             source = it if n_total is None else _Sized(it, n_total - done_items)
             if reduce is not None:
-                aggregate = ckpt.aggregate()
+                sink.aggregate = ckpt.aggregate()
             _say(verbose, f"Resuming from checkpoint {ckpt.path}: {len(ckpt.batches)} batches "
                           f"({done_items} items) already done")
         if spill is not None and ckpt is None and reduce is None:
@@ -347,27 +346,18 @@ def process_in_batches(
             # a checkpoint the checkpoint's own segments are the spill.
             from ._spill import SpillStore
 
-            store = SpillStore(None if spill == "disk" else spill)
-        result = _batch_loop(func, source, cfg, batch_size, verbose, ckpt, store, reduce, aggregate,
-                             done_items, progress, progress_callback, optimize_kwargs)
+            sink.store = SpillStore(None if spill == "disk" else spill)
+        _batch_loop(func, source, cfg, sink, batch_size=batch_size, verbose=verbose,
+                    done_items=done_items, progress=progress,
+                    progress_callback=progress_callback, opts=optimize_kwargs)
+        return sink.result(lazy=spill is not None)
     except BaseException:
-        if store is not None:
-            store.close()
+        if sink.store is not None:
+            sink.store.close()
+        raise
+    finally:
         if ckpt is not None:
             ckpt.close()
-        raise
-    if ckpt is not None:
-        if reduce is not None:
-            result = ckpt.aggregate() if ckpt.batches else result
-        else:
-            seq = ckpt.results()
-            result = seq if spill is not None else list(seq)
-            if spill is None:
-                seq.close()
-        ckpt.close()
-    elif store is not None:
-        result = store.results()
-    return result
 
 
 class _Sized:
@@ -391,11 +381,63 @@ class _Nothing:
 _NOTHING: Any = _Nothing()
 
 
-def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config,
-                batch_size: int | None, verbose: bool, ckpt: Any, store: Any,
-                reduce: Callable[[Any, Any], Any] | None, aggregate: Any, done_items: int,
-                progress: Any, progress_callback: Callable[[str, float], None] | None,
-                opts: dict[str, Any]) -> Any:
+class _BatchSink:
+    """Where finished batches go: a list, spill segments, a running reduction or a checkpoint."""
+
+    def __init__(self, reduce: Callable[[Any, Any], Any] | None, ckpt: Any) -> None:
+        self.reduce, self.ckpt = reduce, ckpt
+        self.store: Any = None
+        self.aggregate: Any = _NOTHING
+        self.collected: list[Any] = []
+        self.seq = len(ckpt.batches) if ckpt is not None else 0
+
+    @property
+    def returns_list(self) -> bool:
+        """True when every result ends up in one list in memory."""
+        return self.store is None and self.reduce is None
+
+    def write(self, start: int, inputs: list[Any], results: list[Any]) -> None:
+        """Take batch ``self.seq`` (input indices from ``start``)."""
+        if self.reduce is not None:
+            partial = functools.reduce(self.reduce, results)
+            self.aggregate = (partial if self.aggregate is _NOTHING
+                              else self.reduce(self.aggregate, partial))
+        if self.ckpt is not None:
+            from ._checkpoint import input_digest
+
+            stop, digest = start + len(results), input_digest(inputs)
+            if self.reduce is not None:
+                self.ckpt.record_batch(self.seq, start, stop, digest, aggregate=self.aggregate)
+            else:
+                self.ckpt.record_batch(self.seq, start, stop, digest, results=results)
+        elif self.store is not None:
+            self.store.write_segment(self.seq, results)
+        elif self.reduce is None:
+            self.collected.extend(results)
+        self.seq += 1
+
+    def result(self, *, lazy: bool) -> Any:
+        """The aggregate, the lazy spilled sequence (``lazy``) or the list of all results."""
+        if self.reduce is not None:
+            if self.aggregate is _NOTHING:
+                raise ValueError("reduce= needs at least one item: the input is empty")
+            return self.aggregate
+        if self.ckpt is not None:
+            seq = self.ckpt.results()
+            if lazy:
+                return seq
+            with seq:
+                return list(seq)
+        if self.store is not None:
+            return self.store.results()
+        return self.collected
+
+
+def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config, sink: _BatchSink,
+                *, batch_size: int | None, verbose: bool, done_items: int, progress: Any,
+                progress_callback: Callable[[str, float], None] | None,
+                opts: dict[str, Any]) -> None:
+    """Sample once, then run the input batch by batch into ``sink`` within the memory budget."""
     import time
     import warnings
 
@@ -424,8 +466,7 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config,
                       f"batch_size={safe} would fit", AmortuneWarning, stacklevel=3)
     n_items = plan.n_items
     total = None if n_items is None else done_items + n_items
-    if (store is None and reduce is None and n_items is not None
-            and (n_items * per_result) > budget):
+    if sink.returns_list and n_items is not None and n_items * per_result > budget:
         warnings.warn(
             f"the {n_items} results (about {_fmt_bytes(n_items * per_result)}) will not fit the "
             f"memory budget of {_fmt_bytes(budget)} as one list; pass spill='disk' to keep them "
@@ -444,8 +485,6 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config,
     head = sampled.inputs
     rest = sampled.remaining_items()
     n_rest = sampled.n_remaining if sampled.n_remaining_known else None
-    collected: list[Any] = []
-    seq = len(ckpt.batches) if ckpt is not None else 0
     start = done_items
     baseline_rss = rss_bytes()
     max_in_flight = max(2 * plan.n_jobs, int(0.25 * budget // max(per_result, 1)))
@@ -467,21 +506,7 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config,
                 batch_results.extend(part)
             part = []  # drop the reference to the last chunk's results
             count = len(batch_results)
-            if reduce is not None:
-                partial = functools.reduce(reduce, batch_results)
-                aggregate = partial if aggregate is _NOTHING else reduce(aggregate, partial)
-            if ckpt is not None:
-                from ._checkpoint import input_digest
-
-                digest = input_digest(head + batch_inputs)
-                if reduce is not None:
-                    ckpt.record_batch(seq, start, start + count, digest, aggregate=aggregate)
-                else:
-                    ckpt.record_batch(seq, start, start + count, digest, results=batch_results)
-            elif store is not None:
-                store.write_segment(seq, batch_results)
-            elif reduce is None:
-                collected.extend(batch_results)
+            sink.write(start, head + batch_inputs, batch_results)
             head = sampled.inputs = sampled.read_ahead = []
             del batch_results
             _release_freed_memory()
@@ -489,24 +514,18 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config,
             # Config.worker_memory_growth_bytes, so the caller's growth is what the budget bounds.
             rss = rss_bytes()
             of_total = f" of {total}" if total is not None else ""
-            _say(verbose, f"Batch {seq + 1}: items {start}-{start + count - 1} ({count} items, "
+            _say(verbose, f"Batch {sink.seq}: items {start}-{start + count - 1} ({count} items, "
                           f"{start + count}{of_total} done) in {time.perf_counter() - t0:.2f} s, "
                           f"memory {_fmt_bytes(rss)}")
-            kept = len(collected) * per_result  # results returned as a list are meant to stay
+            kept = len(sink.collected) * per_result  # a returned list is meant to stay
             if rss - baseline_rss - kept > budget and batch_size > 1:
                 batch_size = max(1, batch_size // 2)
                 warnings.warn(f"memory grew to {_fmt_bytes(rss - baseline_rss - kept)} above the start, "
                               f"more than the budget of {_fmt_bytes(budget)}; next batches hold "
                               f"{batch_size} items", AmortuneWarning, stacklevel=3)
-            seq += 1
             start += count
     finally:
         if backend is not None:
             backend.shutdown(wait=True)
         if prog is not None:
             prog.close()
-    if reduce is not None:
-        if aggregate is _NOTHING:
-            raise ValueError("reduce= needs at least one item: the input is empty")
-        return aggregate
-    return collected
