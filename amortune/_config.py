@@ -53,6 +53,10 @@ class Config:
         Fault handling: how many times a lost or failing chunk is re-run, the per-item timeout,
         which exception types from ``func`` count as transient, and the first retry's delay
         (doubling with each further try).
+    sample_in_caller:
+        ``False`` runs every item in a worker process, none in the caller: for functions that may
+        crash their process (a segfaulting extension) or must not touch the caller's state. The
+        plan then starts from one-item chunks instead of a sample (``timeout_seconds`` implies it).
     """
 
     max_workers: int | None = None
@@ -67,6 +71,7 @@ class Config:
     timeout_seconds: float | None = None
     retry_on: tuple[type[BaseException], ...] = ()
     retry_backoff_seconds: float = 0.05
+    sample_in_caller: bool = True
 
     def __post_init__(self) -> None:
         if self.max_workers is not None and self.max_workers < 1:

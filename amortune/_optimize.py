@@ -100,20 +100,21 @@ def plan_run(
 
     planned_chunksize = chunksize
     sampled: Sampled | None = None
-    if config.timeout_seconds is not None:
-        if executor in ("serial", "threads"):
-            warnings.append(f"timeout is ignored: {executor} cannot be stopped in the middle of "
-                            "an item; only processes can")
-        elif (sampled := unsampled(func, data)) is not None:
-            # Only a process can be stopped in the middle of an item, so with a timeout no item
-            # runs in the caller: chunks start at one item and grow with measured chunk times.
+    isolate = config.timeout_seconds is not None or not config.sample_in_caller
+    why = "a timeout was given" if config.timeout_seconds is not None else "sample_in_caller=False"
+    if config.timeout_seconds is not None and executor in ("serial", "threads"):
+        warnings.append(f"timeout is ignored: {executor} cannot be stopped in the middle of "
+                        "an item; only processes can")
+    elif isolate and executor != "serial" and not _in_daemon_process():
+        if (sampled := unsampled(func, data)) is not None:
+            # Only a process can be stopped in the middle of an item (or survive a crash), so
+            # no item runs in the caller: chunks start at one item and grow with measured times.
             executor = "processes"
             planned_chunksize = chunksize or 1
-            reasons.append("a timeout was given: every item runs in a process that can be "
-                           "killed, none in the caller")
+            reasons.append(f"{why}: every item runs in a worker process, none in the caller")
         else:
-            warnings.append("timeout is ignored: the function cannot be pickled to run in a "
-                            "process that could be stopped")
+            warnings.append(f"{why}, but the function cannot be pickled to run in a worker "
+                            "process; it runs in the caller")
     if sampled is None:
         sampled = sample(func, data, config, on_first_item=start_workers_early)
     if executor == "processes" and not sampled.profile.picklable:

@@ -161,3 +161,20 @@ def test_more_functions_than_a_worker_caches_are_resent_when_needed():
             got = amortune.execute(f, range(40), executor="processes", n_jobs=2, chunksize=5,
                                    config=FAST)
             assert got == [x + k for x in range(40)]
+
+
+def test_sample_in_caller_false_keeps_a_crashing_function_out_of_the_caller():
+    script = textwrap.dedent("""
+        import amortune
+        from tests import tasks
+        cfg = amortune.Config(sample_in_caller=False)
+        try:
+            amortune.execute(tasks.segfault, range(20), config=cfg)
+        except amortune.WorkerCrashedError as exc:
+            print("crashed in a worker:", exc.indices)
+        print(amortune.execute(tasks.square, range(5), config=cfg))
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert "crashed in a worker" in out.stdout, out.stdout + out.stderr
+    assert "[0, 1, 4, 9, 16]" in out.stdout
