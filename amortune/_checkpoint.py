@@ -16,7 +16,6 @@ by group or others, is refused.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -39,13 +38,14 @@ try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: concurrent runs are not detected
     fcntl = None  # type: ignore[assignment]
-from amortune._spill import (
+from ._spill import (
     SEGMENT_NAME_RE,
     Segment,
     SpilledResults,
     SpillStore,
     dump_pickle,
     make_private_dir,
+    unlink_quietly,
     write_file_atomic,
     write_segment_file,
 )
@@ -339,7 +339,7 @@ class Checkpoint:
         previous = self._aggregate_name
         self._batches, self._segments, self._aggregate_name = batches, segments, aggregate_name
         if previous is not None and previous != aggregate_name:
-            _unlink_quietly(self.path / previous)
+            unlink_quietly(self.path / previous)
 
     def aggregate(self) -> Any:
         """The aggregate stored with the last finished batch (``"reduce"`` mode)."""
@@ -464,9 +464,5 @@ class Checkpoint:
                 and (entry.is_file(follow_symlinks=False) or entry.is_symlink())
             ):
                 logger.info("amortune removed leftover checkpoint file %s", entry.path)
-                _unlink_quietly(entry.path)
+                unlink_quietly(entry.path)
 
-
-def _unlink_quietly(path: str | pathlib.Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)

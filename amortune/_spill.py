@@ -159,7 +159,7 @@ def write_file_atomic(directory: pathlib.Path, name: str, fill: Callable[[_Sink]
             finally:
                 os.close(dir_fd)
     except BaseException as exc:
-        _unlink_quietly(tmp)
+        unlink_quietly(tmp)
         if isinstance(exc, OSError) and not isinstance(exc, SpillError):
             reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise SpillError(f"could not write {name} in {directory}: {reason}", exc.errno) from exc
@@ -257,7 +257,7 @@ def make_private_dir(path: pathlib.Path) -> bool:
     return True
 
 
-def _unlink_quietly(path: str | pathlib.Path) -> None:
+def unlink_quietly(path: str | pathlib.Path) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
 
@@ -274,7 +274,7 @@ def _cleanup(path: str, created: bool, written: list[str], lock_fd: int, owner_p
             logger.warning("amortune could not remove its spill folder %s", path)
     else:
         for name in written:
-            _unlink_quietly(os.path.join(path, name))
+            unlink_quietly(os.path.join(path, name))
 
 
 def _sweep_stale_folders(parent: str) -> None:
