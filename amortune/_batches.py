@@ -442,7 +442,7 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config, sink
     import warnings
 
     from ._errors import AmortuneWarning, MemoryBudgetError
-    from ._model import _fmt_bytes
+    from ._model import fmt_bytes
 
     run = plan_run(func, it, cfg, n_jobs=opts.get("n_jobs"), chunksize=opts.get("chunksize"),
                    executor=opts.get("executor"))
@@ -455,21 +455,21 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config, sink
     per_result = plan.profile.result_memory_bytes
     if per_result > budget:
         raise MemoryBudgetError(
-            f"one result takes about {_fmt_bytes(per_result)}, more than the whole memory budget "
-            f"of {_fmt_bytes(budget)}; raise max_memory_percent or make results smaller")
+            f"one result takes about {fmt_bytes(per_result)}, more than the whole memory budget "
+            f"of {fmt_bytes(budget)}; raise max_memory_percent or make results smaller")
     safe = max(1, int(_BATCH_SHARE * budget // per_result)) if per_result else 1 << 62
     if batch_size is None:
         batch_size = max(1, min(safe, plan.batch_size if plan.n_items else safe))
     elif batch_size > safe:
-        warnings.warn(f"batch_size={batch_size} holds about {_fmt_bytes(batch_size * per_result)} "
-                      f"of results, more than the budget of {_fmt_bytes(budget)}; "
+        warnings.warn(f"batch_size={batch_size} holds about {fmt_bytes(batch_size * per_result)} "
+                      f"of results, more than the budget of {fmt_bytes(budget)}; "
                       f"batch_size={safe} would fit", AmortuneWarning, stacklevel=3)
     n_items = plan.n_items
     total = None if n_items is None else done_items + n_items
     if sink.returns_list and n_items is not None and n_items * per_result > budget:
         warnings.warn(
-            f"the {n_items} results (about {_fmt_bytes(n_items * per_result)}) will not fit the "
-            f"memory budget of {_fmt_bytes(budget)} as one list; pass spill='disk' to keep them "
+            f"the {n_items} results (about {fmt_bytes(n_items * per_result)}) will not fit the "
+            f"memory budget of {fmt_bytes(budget)} as one list; pass spill='disk' to keep them "
             "on disk, or reduce= to aggregate them", AmortuneWarning, stacklevel=3)
     n_batches = "?" if n_items is None else str(-(-n_items // batch_size))
     _say(verbose, f"Processing {'an unknown number of' if n_items is None else n_items} items in "
@@ -516,12 +516,12 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config, sink
             of_total = f" of {total}" if total is not None else ""
             _say(verbose, f"Batch {sink.seq}: items {start}-{start + count - 1} ({count} items, "
                           f"{start + count}{of_total} done) in {time.perf_counter() - t0:.2f} s, "
-                          f"memory {_fmt_bytes(rss)}")
+                          f"memory {fmt_bytes(rss)}")
             kept = len(sink.collected) * per_result  # a returned list is meant to stay
             if rss - baseline_rss - kept > budget and batch_size > 1:
                 batch_size = max(1, batch_size // 2)
-                warnings.warn(f"memory grew to {_fmt_bytes(rss - baseline_rss - kept)} above the start, "
-                              f"more than the budget of {_fmt_bytes(budget)}; next batches hold "
+                warnings.warn(f"memory grew to {fmt_bytes(rss - baseline_rss - kept)} above the start, "
+                              f"more than the budget of {fmt_bytes(budget)}; next batches hold "
                               f"{batch_size} items", AmortuneWarning, stacklevel=3)
             start += count
     finally:

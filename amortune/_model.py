@@ -20,7 +20,11 @@ __all__ = [
     "WorkloadProfile",
     "decide",
     "estimate_safe_batch_size_for",
+    "fmt_bytes",
+    "fmt_seconds",
     "predict_process_seconds",
+    "process_chunksize",
+    "thread_chunksize",
     "predict_thread_seconds",
     "MIN_SPEEDUP",
 ]
@@ -128,7 +132,7 @@ def estimate_safe_batch_size_for(
     return max(1, int(max_memory_percent * available_memory_bytes // result_size_bytes))
 
 
-def _process_chunksize(p: WorkloadProfile, n_items: int, n_jobs: int, target: float) -> int:
+def process_chunksize(p: WorkloadProfile, n_items: int, n_jobs: int, target: float) -> int:
     per_item = p.item_wall_seconds + p.pickle_in_seconds + p.pickle_out_seconds
     # No chunk shorter than one round of dispatches: the caller hands out every chunk.
     by_time = max(1, int(max(target, n_jobs * PROCESS_DISPATCH_SECONDS) / max(per_item, 1e-9)))
@@ -136,7 +140,7 @@ def _process_chunksize(p: WorkloadProfile, n_items: int, n_jobs: int, target: fl
     return max(1, min(by_time, by_balance))
 
 
-def _thread_chunksize(p: WorkloadProfile, n_items: int, n_threads: int) -> int:
+def thread_chunksize(p: WorkloadProfile, n_items: int, n_threads: int) -> int:
     by_time = int(THREAD_TARGET_CHUNK_SECONDS / max(p.item_wall_seconds, 1e-9))
     by_balance = math.ceil(n_items / (MIN_CHUNKS_PER_WORKER * n_threads))
     return max(1, min(by_time, by_balance))
@@ -233,32 +237,32 @@ def decide(
         if result_total > budget:
             warnings.append(
                 f"Result memory exceeds safety threshold: {total_items} results of about "
-                f"{_fmt_bytes(p.result_memory_bytes)} need {_fmt_bytes(result_total)}, more than "
-                f"{costs.memory_fraction:.0%} of available memory ({_fmt_bytes(budget)}); use "
+                f"{fmt_bytes(p.result_memory_bytes)} need {fmt_bytes(result_total)}, more than "
+                f"{costs.memory_fraction:.0%} of available memory ({fmt_bytes(budget)}); use "
                 f"process_in_batches(func, data, spill='disk') or batch_size={batch_size}"
             )
     if p.result_memory_bytes > budget:
         warnings.append(
-            f"A single result ({_fmt_bytes(p.result_memory_bytes)}) is larger than the memory "
-            f"budget ({_fmt_bytes(budget)})"
+            f"A single result ({fmt_bytes(p.result_memory_bytes)}) is larger than the memory "
+            f"budget ({fmt_bytes(budget)})"
         )
 
     candidates: list[tuple[str, int, int, float]] = [("serial", 1, 1, serial_rest)]
     footprint_cap = cores
     worth_it = serial_rest > PARALLEL_FLOOR_SECONDS
     if p.picklable and worth_it:
-        chunk_guess = _process_chunksize(p, max(remaining, 1), cores, costs.target_chunk_seconds)
+        chunk_guess = process_chunksize(p, max(remaining, 1), cores, costs.target_chunk_seconds)
         footprint = WORKER_BASE_BYTES + 2 * chunk_guess * (p.in_bytes + p.result_memory_bytes)
         footprint_cap = max(1, int(budget // max(footprint, 1)))
         if footprint_cap < cores:
             reasons.append(
-                f"memory allows {footprint_cap} worker(s) of about {_fmt_bytes(footprint)} each"
+                f"memory allows {footprint_cap} worker(s) of about {fmt_bytes(footprint)} each"
             )
         for n in range(2, min(cores, footprint_cap) + 1):
-            c = _process_chunksize(p, max(remaining, 1), n, costs.target_chunk_seconds)
+            c = process_chunksize(p, max(remaining, 1), n, costs.target_chunk_seconds)
             candidates.append(("processes", n, c, predict_process_seconds(p, remaining, n, c, costs)))
     for n in _thread_counts(costs.max_threads, remaining, cores) if worth_it else ():
-        c = _thread_chunksize(p, max(remaining, 1), n)
+        c = thread_chunksize(p, max(remaining, 1), n)
         candidates.append(("threads", n, c, predict_thread_seconds(p, remaining, n, c)))
 
     pinned = [
@@ -274,9 +278,9 @@ def decide(
             if chunksize is not None:
                 c = chunksize
             elif kind == "processes":
-                c = _process_chunksize(p, max(remaining, 1), n, costs.target_chunk_seconds)
+                c = process_chunksize(p, max(remaining, 1), n, costs.target_chunk_seconds)
             elif kind == "threads":
-                c = _thread_chunksize(p, max(remaining, 1), n)
+                c = thread_chunksize(p, max(remaining, 1), n)
             else:
                 c = 1
             if kind == "processes":
@@ -330,7 +334,7 @@ def _explain_choice(
     reasons: list[str],
 ) -> None:
     kind, n, c, _ = choice
-    per = _fmt_seconds(p.item_wall_seconds)
+    per = fmt_seconds(p.item_wall_seconds)
     if remaining == 0:
         reasons.append("sampling already processed every item")
         return
@@ -349,13 +353,13 @@ def _explain_choice(
     else:
         reasons.append(
             f"processes: {count} at {per} each, {n} workers, chunks of {c} "
-            f"(about {_fmt_seconds(c * p.item_wall_seconds)} per chunk)"
+            f"(about {fmt_seconds(c * p.item_wall_seconds)} per chunk)"
         )
     if p.item_wall_cv > 1.0:
         reasons.append(f"item cost varies widely (cv {p.item_wall_cv:.1f}); chunks adapt during the run")
 
 
-def _fmt_seconds(s: float) -> str:
+def fmt_seconds(s: float) -> str:
     if s >= 1:
         return f"{s:.2f} s"
     if s >= 1e-3:
@@ -363,7 +367,7 @@ def _fmt_seconds(s: float) -> str:
     return f"{s * 1e6:.1f} µs"
 
 
-def _fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"

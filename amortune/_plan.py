@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._model import Decision, WorkloadProfile, _fmt_bytes, _fmt_seconds
+from ._model import Decision, WorkloadProfile, fmt_bytes, fmt_seconds
 
 __all__ = ["OptimizationResult"]
 
@@ -84,13 +84,13 @@ class OptimizationResult:
         lines = [
             f"amortune plan: {self.executor}, n_jobs={self.n_jobs}, chunksize={self.chunksize}, "
             f"batch_size={self.batch_size}",
-            f"  predicted: {_fmt_seconds(self.predicted_seconds)} vs "
-            f"{_fmt_seconds(self.predicted_serial_seconds)} serial "
+            f"  predicted: {fmt_seconds(self.predicted_seconds)} vs "
+            f"{fmt_seconds(self.predicted_serial_seconds)} serial "
             f"(speedup {self.estimated_speedup:.2f}x)",
-            f"  measured on {p.n_sampled} item(s) of {items}: {_fmt_seconds(p.item_wall_seconds)} "
-            f"wall, {_fmt_seconds(p.item_cpu_seconds)} CPU per item (cv {p.item_wall_cv:.2f}); "
-            f"pickled in {_fmt_bytes(p.in_bytes)}, out {_fmt_bytes(p.out_bytes)}; "
-            f"result memory {_fmt_bytes(p.result_memory_bytes)}",
+            f"  measured on {p.n_sampled} item(s) of {items}: {fmt_seconds(p.item_wall_seconds)} "
+            f"wall, {fmt_seconds(p.item_cpu_seconds)} CPU per item (cv {p.item_wall_cv:.2f}); "
+            f"pickled in {fmt_bytes(p.in_bytes)}, out {fmt_bytes(p.out_bytes)}; "
+            f"result memory {fmt_bytes(p.result_memory_bytes)}",
         ]
         if self.system:
             lines.append(f"  machine: {self.system}")

@@ -34,7 +34,7 @@ from typing import Any, Generic, TypeVar
 
 from ._config import Config
 from ._errors import NotPicklableError
-from ._model import PROCESS_DISPATCH_SECONDS, _process_chunksize
+from ._model import PROCESS_DISPATCH_SECONDS, process_chunksize
 from ._optimize import plan_run
 from ._profile import count_items
 from ._progress import Progress
@@ -397,7 +397,7 @@ class Pool:
             # Less than one target chunk of work left: dispatch, not balance, is the cost.
             return got.results, items, remaining, FixedChunkPolicy(max(1, -(-remaining // n)), n,
                                                                 target)
-        initial = _process_chunksize(got.profile, remaining or 1 << 40, n, target)
+        initial = process_chunksize(got.profile, remaining or 1 << 40, n, target)
         return got.results, items, remaining, ChunkPolicy(
             initial, n, target, dispatch_seconds=PROCESS_DISPATCH_SECONDS)
 

@@ -20,7 +20,7 @@ For every worker count and cost distribution it prints makespan / LB of:
     in-order list scheduling, one item at a time, no overhead: about the best any scheduler that
     reads the input in order and cannot see an item's cost before running it can do.
 
-The initial chunk is the real plan's: ``_model._process_chunksize`` on a profile from the first
+The initial chunk is the real plan's: ``_model.process_chunksize`` on a profile from the first
 16 items. The lower bound holds for any schedule, clairvoyant included, when one caller
 dispatches chunks one at a time (see :func:`lower_bound`)::
 
@@ -52,7 +52,7 @@ from typing import Any
 from unittest import mock
 
 from amortune import _schedule
-from amortune._model import PROCESS_DISPATCH_SECONDS, WorkloadProfile, _process_chunksize
+from amortune._model import PROCESS_DISPATCH_SECONDS, WorkloadProfile, process_chunksize
 from amortune._schedule import ChunkPolicy, run_chunks, simulate
 from amortune.backends._base import Backend, ChunkOutcome, FunctionRef
 
@@ -132,12 +132,12 @@ def lower_bound(costs: Sequence[float], n_workers: int, dispatch_seconds: float)
 
 
 def planned_chunksize(costs: Sequence[float], n_workers: int, target: float) -> int:
-    """The plan's starting chunk: ``_model._process_chunksize`` on a profile of the first items."""
+    """The plan's starting chunk: ``_model.process_chunksize`` on a profile of the first items."""
     head = costs[:SAMPLE_ITEMS]
     mean = math.fsum(head) / len(head)
     profile = WorkloadProfile(n_sampled=len(head), sampled_wall_seconds=math.fsum(head),
                               item_wall_seconds=mean, item_cpu_seconds=mean)
-    return _process_chunksize(profile, max(1, len(costs) - len(head)), n_workers, target)
+    return process_chunksize(profile, max(1, len(costs) - len(head)), n_workers, target)
 
 
 def greedy(costs: Sequence[float], n_workers: int) -> float:

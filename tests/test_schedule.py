@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from amortune import _schedule
 from amortune._errors import WorkerCrashedError
-from amortune._model import PROCESS_DISPATCH_SECONDS, WorkloadProfile, _process_chunksize
+from amortune._model import PROCESS_DISPATCH_SECONDS, WorkloadProfile, process_chunksize
 from amortune._schedule import ChunkPolicy, RunStats, run_chunks, simulate
 from amortune.backends._base import Backend, ChunkOutcome, FunctionRef
 
@@ -252,12 +252,12 @@ def _lower_bound(costs: list[float], workers: int, h: float) -> float:
 
 
 def _planned_chunksize(costs: list[float], workers: int) -> int:
-    """The plan's first chunk: ``_model._process_chunksize`` on a profile of the first 16 items."""
+    """The plan's first chunk: ``_model.process_chunksize`` on a profile of the first 16 items."""
     head = costs[:16]
     mean = math.fsum(head) / len(head)
     profile = WorkloadProfile(n_sampled=len(head), sampled_wall_seconds=math.fsum(head),
                               item_wall_seconds=mean, item_cpu_seconds=mean)
-    return _process_chunksize(profile, len(costs) - len(head), workers, 0.05)
+    return process_chunksize(profile, len(costs) - len(head), workers, 0.05)
 
 
 def _greedy(costs: list[float], workers: int) -> float:
