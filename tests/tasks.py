@@ -129,7 +129,7 @@ def worker_pid(x: int) -> int:
 
 
 def count_codons(seq: str) -> Any:
-    """Codon counts of a DNA string in reading frame 0 (the 002 document's per-batch work)."""
+    """Codon counts of a DNA string in reading frame 0 (the per-batch work of a codon-count ETL)."""
     from collections import Counter
 
     return Counter(seq[i:i + 3] for i in range(0, len(seq) - 2, 3))
@@ -143,12 +143,12 @@ def merge_counts(a: Any, b: Any) -> Any:
 
 
 def process_image(img: Any) -> Any:
-    """Stand-in for the 003 document's image resize: a 2x upscale of a small array."""
+    """Stand-in for the batch-processing guide's image resize: a 2x upscale of a small array."""
     return img.repeat(2, axis=0).repeat(2, axis=1)
 
 
 def process_record(record: dict[str, Any]) -> dict[str, Any]:
-    """Stand-in for the 003 document's database record transform (arrays in a dict)."""
+    """Stand-in for the batch-processing guide's database record transform (arrays in a dict)."""
     import numpy as np
 
     values = np.asarray(record["values"], dtype=np.float64)

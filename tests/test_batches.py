@@ -1,9 +1,9 @@
-"""process_in_batches and estimate_safe_batch_size keep the 003 document's promises, and more.
+"""process_in_batches and estimate_safe_batch_size keep the batch-processing guide's promises, and more.
 
-Every example of the 003 document runs unchanged (numpy arrays and dicts stand in for images and
+Every example of the batch-processing guide runs unchanged (numpy arrays and dicts stand in for images and
 database records); the input is streamed; one plan and one pool serve the loop; memory is a budget
-(MemoryBudgetError, spill advice, a lazy disk-backed result); ``reduce=`` aggregates like the 002
-document's codon count; a checkpointed run SIGKILLed at any item resumes without losing an item
+(MemoryBudgetError, spill advice, a lazy disk-backed result); ``reduce=`` aggregates like a
+batched codon count; a checkpointed run SIGKILLed at any item resumes without losing an item
 or redoing a finished batch.
 """
 
@@ -58,7 +58,7 @@ from tests import tasks
 FAST = Config(sample_items=3, sample_seconds=0.001, target_chunk_seconds=0.001)
 EXECUTORS = ["serial", "threads", "processes"]
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-expensive_func = tasks.square  # the 003 document's stand-in workload
+expensive_func = tasks.square  # the batch-processing guide's stand-in workload
 
 
 def same(a: Any, b: Any) -> bool:
@@ -86,7 +86,7 @@ def spill_parent(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pat
     return parent
 
 
-# -- 1. the 003 document's examples, unchanged ---------------------------------------------------
+# -- 1. the batch-processing guide's examples, unchanged ---------------------------------------------------
 
 
 def test_quick_start_basic_usage(capsys: pytest.CaptureFixture[str]) -> None:
@@ -372,7 +372,7 @@ def test_spilled_run_keeps_resident_memory_bounded() -> None:
     assert peak_growth() > 5 * budget  # the same probe sees a list that keeps everything
 
 
-# -- 4. reduce= : the 002 document's codon count ---------------------------------------------------
+# -- 4. reduce= : a batched codon count ---------------------------------------------------
 
 
 def dna(n: int, seed: int = 2) -> list[str]:

@@ -50,7 +50,7 @@ def test_invalid_values_name_the_parameter(field: str, value: Any) -> None:
     assert repr(value) in str(info.value) or str(value) in str(info.value)
 
 
-def test_memory_fraction_error_mentions_the_003_name() -> None:
+def test_memory_fraction_error_mentions_max_memory_percent() -> None:
     with pytest.raises(ValueError, match="max_memory_percent"):
         Config(memory_fraction=2.0)
 

@@ -22,7 +22,7 @@ ROOT = PACKAGE.parent
 
 HEAVY = ("numpy", "psutil", "tqdm", "cloudpickle", "torch", "dask", "distributed", "joblib")
 
-#: The import DAG from /work/shared/style.md §4: a module may import its own layer or lower.
+#: The import DAG: a module may import its own layer or lower.
 #: ``_schedule`` sits between the backends it drives and ``_batches``/``_pool`` that drive it.
 LAYERS: dict[str, float] = {
     "amortune._errors": 0,

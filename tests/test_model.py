@@ -233,11 +233,11 @@ def test_worker_footprint_caps_n_jobs_with_a_reason() -> None:
     assert not any("memory allows" in r for r in roomy.reasons)
 
 
-# -- estimate_safe_batch_size_for (the 003 formula) --------------------------------------------
+# -- estimate_safe_batch_size_for (the documented formula) --------------------------------------------
 @pytest.mark.parametrize(
     "result_size, fraction, available, expected",
     [
-        (10e6, 0.5, 16e9, 800),  # the 003 example: 8000 MB / 10 MB = 800 items
+        (10e6, 0.5, 16e9, 800),  # the documented example: 8000 MB / 10 MB = 800 items
         (10 * MiB, 0.5, 16 * GiB, 819),  # the same in binary units (the doctest)
         (10 * MiB, 1.0, 16 * GiB, 1638),
         (3, 0.5, 10, 1),

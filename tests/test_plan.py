@@ -102,11 +102,11 @@ def test_unpicklable_function_with_processes_pinned_falls_back_with_a_warning() 
     assert any("cannot use processes" in w for w in plan.warnings)
 
 
-def test_large_results_warn_like_003() -> None:
-    # 1 MiB results x 1000 against 1% of available memory: the 003 warning and its advice.
+def test_large_results_warn_about_memory() -> None:
+    # 1 MiB results x 1000 against 1% of available memory: the memory warning and its advice.
     plan = amortune.optimize(tasks.return_mb, range(1000), max_memory_percent=0.01)
     assert any("Result memory exceeds safety threshold" in w for w in plan.warnings)
-    assert any("memory" in w.lower() for w in plan.warnings)  # the 003 example 4 check
+    assert any("memory" in w.lower() for w in plan.warnings)  # the check users write before choosing batches
     assert 1 <= plan.batch_size < 1000
 
 
@@ -143,7 +143,7 @@ def test_reiterable_data_is_handed_back_as_is(data: Any) -> None:
     assert plan.data is data
 
 
-def test_003_example_4_pool_map_on_a_generator() -> None:
+def test_plan_feeds_pool_map_on_a_generator() -> None:
     opt_result = amortune.optimize(tasks.square, (i for i in range(2000)))
     with mp.get_context("forkserver").Pool(2) as pool:
         results = pool.map(tasks.square, opt_result.data, chunksize=opt_result.chunksize)

@@ -228,7 +228,7 @@ def test_usable_cores_table(
     [
         (8 * GIB, None, None, 8 * GIB),
         (8 * GIB, None, 5 * GIB, 8 * GIB),  # usage without a limit is no constraint
-        (8 * GIB, 4 * GIB, 3 * GIB, GIB),  # headroom, not the limit (Amorsize's mistake)
+        (8 * GIB, 4 * GIB, 3 * GIB, GIB),  # headroom (limit minus usage), not the limit itself
         (8 * GIB, 4 * GIB, None, 4 * GIB),
         (GIB, 4 * GIB, 0, GIB),  # the host is the tighter bound
         (8 * GIB, 4 * GIB, 5 * GIB, 0),  # over the limit: zero, never negative
