@@ -203,13 +203,14 @@ def worker_main(
             except BaseException as exc:
                 conn.send_bytes(dumps(("init_error", capture(exc, None))))
                 return
-        conn.send_bytes(dumps(("ready", os.getpid(), rss_bytes())))
-        _serve(conn, max_tasks)
+        baseline_rss = rss_bytes()
+        conn.send_bytes(dumps(("ready", os.getpid(), baseline_rss)))
+        _serve(conn, max_tasks, baseline_rss)
     except (EOFError, OSError):  # the caller is gone: nothing to report to
         return
 
 
-def _serve(conn: Any, max_tasks: int | None) -> None:
+def _serve(conn: Any, max_tasks: int | None, baseline_rss: int) -> None:
     funcs: dict[str, Any] = {}
     send = conn.send_bytes
     done_tasks = 0
@@ -226,7 +227,7 @@ def _serve(conn: Any, max_tasks: int | None) -> None:
             except BaseException as exc:  # reported with the first task that needs it
                 funcs[token] = _LoadFailed(capture(exc, None))
             continue
-        _, task_id, token, start, mode, payload, ticks = msg
+        _, task_id, token, start, mode, payload, ticks, growth_limit = msg
         wall0, cpu0 = time.perf_counter(), time.process_time()
         reply: tuple[Any, ...]
         on_item = (lambda i, t=task_id: send(dumps(("tick", t, i)))) if ticks else None
@@ -260,9 +261,14 @@ def _serve(conn: Any, max_tasks: int | None) -> None:
         except BaseException as exc:
             index = getattr(exc, "amortune_index", None)
             reply = ("error", task_id, capture(exc, index))
-        wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
-        send(dumps((*reply, wall, cpu, rss_bytes())))
+        wall, cpu, rss = time.perf_counter() - wall0, time.process_time() - cpu0, rss_bytes()
+        send(dumps((*reply, wall, cpu, rss)))
         done_tasks += 1
+        if growth_limit is not None and rss - baseline_rss > growth_limit:
+            # Grown too much: leave before any task queued behind this one starts, and say so,
+            # so the caller reruns that task elsewhere instead of reporting a crash.
+            send(dumps(("retiring", task_id)))
+            return
         if max_tasks is not None and done_tasks >= max_tasks:
             return
 

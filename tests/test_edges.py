@@ -178,3 +178,35 @@ def test_sample_in_caller_false_keeps_a_crashing_function_out_of_the_caller():
                          timeout=120, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert "crashed in a worker" in out.stdout, out.stdout + out.stderr
     assert "[0, 1, 4, 9, 16]" in out.stdout
+
+
+def test_a_task_queued_behind_a_crashing_one_runs_again_elsewhere():
+    """Small tasks wait in a worker's pipe behind the running one; a crash must not lose them."""
+    from amortune._errors import WorkerCrashedError
+    from amortune.backends._base import FunctionRef
+    from amortune.backends.local import ProcessBackend
+
+    backend = ProcessBackend(1, start_method="forkserver")
+    try:
+        assert backend.submit(FunctionRef(tasks.square), [1], 0).result(timeout=60).results == [1]
+        crash = backend.submit(FunctionRef(tasks.kill_self), [5], 5)
+        queued = [backend.submit(FunctionRef(tasks.square), [i], i) for i in range(3)]
+        with pytest.raises(WorkerCrashedError) as info:
+            crash.result(timeout=60)
+        assert info.value.indices == (5,)
+        assert [f.result(timeout=60).results for f in queued] == [[0], [1], [4]]
+    finally:
+        backend.shutdown(wait=True, kill=True)
+
+
+def test_a_worker_past_its_memory_limit_leaves_before_a_queued_task():
+    from amortune.backends._base import FunctionRef
+    from amortune.backends.local import ProcessBackend
+
+    backend = ProcessBackend(1, start_method="forkserver", memory_growth_bytes=8 << 20)
+    try:
+        futs = [backend.submit(FunctionRef(tasks.leak_mb), [(16, i)], i) for i in range(4)]
+        held = [f.result(timeout=60).results[0][1] for f in futs]
+        assert held == [1, 1, 1, 1]  # every task ran in a fresh worker
+    finally:
+        backend.shutdown(wait=True, kill=True)

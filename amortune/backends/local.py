@@ -55,6 +55,10 @@ _JOIN_SECONDS = 1.0
 _START_TIMEOUT_SECONDS = 60.0
 #: Workers dying before they are ready this many times in a row break the pool.
 _MAX_START_FAILURES = 3
+#: A task is queued behind a running one only if what must be sent for it fits in this many
+#: bytes, well inside a pipe's 64 KiB buffer: sending it then never blocks this thread on a busy
+#: worker. Queuing halves the idle gap between a worker's tasks (Pool.apply_async round trips).
+_QUEUE_BEHIND_BYTES = 32 << 10
 #: Delay before trying again to start a worker whose start failed.
 _START_RETRY_SECONDS = 0.1
 
@@ -91,12 +95,13 @@ class _Task:
 
 
 class _Worker:
-    __slots__ = ("process", "conn", "task", "item_started", "item_index", "funcs", "ready",
-                 "rss", "baseline_rss", "retiring", "started_at", "tasks_done", "note")
+    __slots__ = ("process", "conn", "task", "queued", "item_started", "item_index", "funcs",
+                 "ready", "rss", "baseline_rss", "retiring", "started_at", "tasks_done", "note")
 
     def __init__(self, process: Any, conn: Any) -> None:
         self.process, self.conn = process, conn
         self.task: _Task | None = None
+        self.queued: _Task | None = None  # sent behind ``task``; starts when ``task`` replies
         self.item_started = self.started_at = time.perf_counter()
         self.item_index = 0
         self.funcs: dict[str, None] = {}  # tokens the worker holds, in the order it got them
@@ -320,29 +325,63 @@ class ProcessBackend(Backend):
             self._check_deadlines()
 
     def _assign(self) -> None:
-        for w in self._workers:
-            if not w.ready or w.task is not None or w.retiring:
-                continue
-            task = self._next_task()
-            if task is None:
-                return
+        # Idle workers first; then one small task queued behind a running one, so a worker
+        # starts its next task without waiting for the round trip through this thread.
+        for queue_behind in (False, True):
+            for w in self._workers:
+                if not w.ready or w.retiring or w.queued is not None:
+                    continue
+                if (w.task is not None) != queue_behind:
+                    continue
+                if queue_behind and not self._may_queue_behind(w):
+                    continue
+                task = self._next_task()
+                if task is None:
+                    return
+                if queue_behind and self._bytes_to_send(w, task) > _QUEUE_BEHIND_BYTES:
+                    with self._lock:  # too big to sit in the pipe: it waits for an idle worker
+                        self._pending.appendleft(task)
+                    continue
+                self._send(w, task, queue_behind)
+
+    def _may_queue_behind(self, w: _Worker) -> bool:
+        running = w.task
+        if running is None or running.timeout is not None:
+            return False  # a timed item's clock must start when it starts
+        return self._max_tasks is None or w.tasks_done + 2 <= self._max_tasks
+
+    @staticmethod
+    def _bytes_to_send(w: _Worker, task: _Task) -> float:
+        if task.timeout is not None:
+            return float("inf")
+        func = 0 if task.fn.token in w.funcs else len(task.fn.payload)
+        return len(task.payload) + func
+
+    def _send(self, w: _Worker, task: _Task, queue_behind: bool) -> None:
+        if queue_behind:
+            w.queued = task
+        else:
             w.task = task
             w.item_started, w.item_index = time.perf_counter(), task.start
-            try:
-                if task.fn.token not in w.funcs:
-                    w.conn.send_bytes(dumps(("func", task.fn.token, task.fn.payload)))
-                    if len(w.funcs) >= FUNC_CACHE_SIZE:
-                        w.funcs.pop(next(iter(w.funcs)))
-                    w.funcs[task.fn.token] = None
-                msg = ("task", id(task), task.fn.token, task.start, task.mode, task.payload,
-                       task.timeout is not None)
-                w.conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
-            except OSError:
-                # The worker died before it had the whole task, so it cannot have run any of it:
-                # hand the task to another worker; the sentinel reports the death.
-                w.task, w.retiring = None, True
-                with self._lock:
-                    self._pending.appendleft(task)
+        try:
+            if task.fn.token not in w.funcs:
+                w.conn.send_bytes(dumps(("func", task.fn.token, task.fn.payload)))
+                if len(w.funcs) >= FUNC_CACHE_SIZE:
+                    w.funcs.pop(next(iter(w.funcs)))
+                w.funcs[task.fn.token] = None
+            msg = ("task", id(task), task.fn.token, task.start, task.mode, task.payload,
+                   task.timeout is not None, self._growth)
+            w.conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
+        except OSError:
+            # The worker died before it had the whole task, so it cannot have run any of it:
+            # hand the task to another worker; the sentinel reports the death.
+            if queue_behind:
+                w.queued = None
+            else:
+                w.task = None
+            w.retiring = True
+            with self._lock:
+                self._pending.appendleft(task)
 
     def _next_task(self) -> _Task | None:
         """The oldest pending task nobody cancelled, marked running; ``None`` when none is left."""
@@ -374,6 +413,12 @@ class ProcessBackend(Backend):
             elif kind == "tick":
                 w.item_started = time.perf_counter()
                 w.item_index = w.item_index if msg[2] is None else msg[2]
+            elif kind == "retiring":  # grown past the limit: it exits without running more
+                w.retiring = True
+                unstarted, w.task = w.task, None
+                if unstarted is not None:
+                    with self._lock:
+                        self._pending.appendleft(unstarted)
             elif kind == "exiting":
                 w.note = f" (func raised SystemExit({msg[3]!r}) at item {msg[2]})"
             elif kind == "init_error":
@@ -381,13 +426,13 @@ class ProcessBackend(Backend):
                 self._broken = rebuild(msg[1])
                 self._fail_all(self._broken)
             elif kind in ("done", "error"):
-                task, w.task = w.task, None
+                task, w.task, w.queued = w.task, w.queued, None
+                if w.task is not None:  # replies come in order: the queued task starts now
+                    w.item_started, w.item_index = time.perf_counter(), w.task.start
                 wall, cpu, w.rss = msg[3], msg[4], msg[5]
                 w.tasks_done += 1
                 if self._max_tasks is not None and w.tasks_done >= self._max_tasks:
                     w.retiring = True  # it exits by itself; no task may be sent to it now
-                elif self._growth is not None and w.rss - w.baseline_rss > self._growth:
-                    self._retire(w)
                 if task is not None:
                     self._finish(task, kind, msg[2], wall, cpu, w.rss)
 
@@ -418,7 +463,10 @@ class ProcessBackend(Backend):
         self._receive(w)  # a reply written just before the exit still counts
         self._workers.remove(w)
         w.conn.close()
-        task, w.task = w.task, None
+        task, w.task, queued, w.queued = w.task, None, w.queued, None
+        if queued is not None:  # its predecessor never replied, so it never started: rerun it
+            with self._lock:
+                self._pending.appendleft(queued)
         if task is not None:
             _settle(task.future, WorkerCrashedError(
                 f"a worker process (pid {w.process.pid}) died with {exit_reason(code)}{w.note} "
@@ -477,6 +525,9 @@ class ProcessBackend(Backend):
         exc = self._broken or CancelledError("the amortune backend was shut down")
         self._fail_all(exc)
         for w in self._workers:
+            if w.queued is not None:
+                _settle(w.queued.future, exc)
+                w.queued = None
             busy, w.task = w.task, None
             if busy is not None:
                 _settle(busy.future, exc)
