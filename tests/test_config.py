@@ -147,3 +147,10 @@ def test_replace_ignores_none() -> None:
 def test_replace_validates() -> None:
     with pytest.raises(ValueError, match="sample_items"):
         Config().replace(sample_items=0)
+
+
+def test_retry_backoff_and_sample_in_caller_options() -> None:
+    with pytest.raises(ValueError, match="retry_backoff_seconds"):
+        Config(retry_backoff_seconds=-1)
+    cfg = Config(retry_backoff_seconds=0.0, sample_in_caller=False)
+    assert cfg.retry_backoff_seconds == 0.0 and cfg.sample_in_caller is False

@@ -1,7 +1,7 @@
 """The chunk scheduler: ChunkPolicy's rules, simulate's scaling, run_chunks on in-process fakes.
 
 No processes and no wall-clock timing: :class:`ScriptedBackend` resolves futures in a chosen order
-through a patched ``_schedule.wait``, :class:`VirtualClockBackend` runs the real ``run_chunks`` on
+through a patched ``_schedule.wait``, ``benchmarks.simulate.VirtualBackend`` runs the real ``run_chunks`` on
 virtual workers fed by one serial caller (and :func:`simulate` must agree with it), and one test
 uses real threads. ``benchmarks/simulate.py`` prints the full scaling table.
 """
@@ -29,6 +29,7 @@ from amortune._errors import WorkerCrashedError
 from amortune._model import PROCESS_DISPATCH_SECONDS, WorkloadProfile, process_chunksize
 from amortune._schedule import ChunkPolicy, RunStats, run_chunks, simulate
 from amortune.backends._base import Backend, ChunkOutcome, FunctionRef
+from benchmarks.simulate import engine
 
 H = PROCESS_DISPATCH_SECONDS  # the caller's cost of dispatching one chunk
 LIMIT = 1.10
@@ -603,51 +604,6 @@ def test_threads_finishing_out_of_order_still_yield_in_order():
 
 
 # -- run_chunks on a virtual clock: simulate is the engine ----------------------------------------
-class VirtualClockBackend(Backend):
-    """Workers on a virtual clock; one serial caller spends ``dispatch_seconds`` per chunk."""
-
-    kind = "virtual"
-
-    def __init__(self, costs: list[float], n_workers: int, dispatch_seconds: float) -> None:
-        self.prefix = list(itertools.accumulate(costs, initial=0.0))
-        self.n_workers, self.h = n_workers, dispatch_seconds
-        self.now = self.caller_free = 0.0
-        self.idle = n_workers
-        self.chunks = 0
-        self.queue: collections.deque[tuple[Future[ChunkOutcome], int, int]] = collections.deque()
-        self.events: list[tuple[float, int, Future[ChunkOutcome], int, float]] = []
-        self.seq = itertools.count()
-
-    def capacity(self) -> int:
-        return self.n_workers
-
-    def submit(self, fn: FunctionRef, items: list[Any], start: int, *, mode: str = "map",
-               timeout_seconds: float | None = None) -> Future[ChunkOutcome]:
-        fut: Future[ChunkOutcome] = Future()
-        self.queue.append((fut, start, len(items)))
-        self._dispatch()
-        return fut
-
-    def _dispatch(self) -> None:
-        while self.idle and self.queue:
-            fut, start, size = self.queue.popleft()
-            self.caller_free = max(self.now, self.caller_free) + self.h
-            work = self.prefix[start + size] - self.prefix[start]
-            heapq.heappush(self.events, (self.caller_free + work, next(self.seq), fut, size, work))
-            self.idle -= 1
-
-    def wait(self, fs: Any, timeout: float | None = None, return_when: str = "") -> Any:
-        self.now, _, fut, size, work = heapq.heappop(self.events)
-        self.idle += 1
-        self.chunks += 1
-        fut.set_result(ChunkOutcome([None] * size, work, work, 0))
-        self._dispatch()
-        return {fut}, set()
-
-    def shutdown(self, wait: bool = True, *, kill: bool = False) -> None:
-        pass
-
-
 def _engine(costs: list[float], workers: int, initial: int,
             target: float = 0.05) -> tuple[float, int]:
     """``(makespan, chunks)`` of the real run_chunks, set up as ``_batches`` does, virtually.
@@ -655,14 +611,8 @@ def _engine(costs: list[float], workers: int, initial: int,
     The item budget holds the whole input (as ``_batches``' memory budget does for small items),
     so only the ``2P + 1`` bound on unfinished chunks applies, as in :func:`simulate`.
     """
-    backend = VirtualClockBackend(costs, workers, H)
-    policy = ChunkPolicy(initial, workers, target, dispatch_seconds=H)
-    with mock.patch.object(_schedule, "wait", backend.wait):
-        for _ in run_chunks(backend, FunctionRef(len), iter(range(len(costs))), start_index=0,
-                            policy=policy, n_remaining=len(costs),
-                            max_chunks_in_flight=2 * workers + 1, max_items_in_flight=len(costs)):
-            pass
-    return backend.now, backend.chunks
+    return engine(costs, workers, initial=initial, target=target, dispatch_seconds=H,
+                  max_items=len(costs))
 
 
 def _same(engine: tuple[float, int], simulated: tuple[float, int]) -> bool:
