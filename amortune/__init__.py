@@ -16,17 +16,24 @@ __version__ = "0.1.0"
 __all__ = [
     "AmortuneError",
     "AmortuneWarning",
+    "Batcher",
+    "CheckpointError",
+    "CheckpointMismatchError",
     "Config",
     "MemoryBudgetError",
     "NotPicklableError",
     "OptimizationResult",
     "Pool",
+    "SpillError",
+    "TaskTimeoutError",
     "WorkerCrashedError",
     "estimate_safe_batch_size",
     "execute",
+    "imap",
     "optimize",
     "probe_system",
     "process_in_batches",
+    "report",
     "__version__",
 ]
 
@@ -37,37 +44,56 @@ _LAZY = {
     "MemoryBudgetError": "._errors",
     "NotPicklableError": "._errors",
     "WorkerCrashedError": "._errors",
+    "TaskTimeoutError": "._errors",
+    "SpillError": "._spill",
+    "CheckpointError": "._checkpoint",
+    "CheckpointMismatchError": "._checkpoint",
     "Config": "._config",
     "OptimizationResult": "._plan",
     "probe_system": "._system",
     "optimize": "._optimize",
-    "execute": "._batches",
+    "execute": "._execute",
+    "imap": "._execute",
     "process_in_batches": "._batches",
     "estimate_safe_batch_size": "._batches",
     "Pool": "._pool",
+    "Batcher": "._batcher",
+    "report": "._report",
 }
 
+#: Public submodules, imported on first access.
+_SUBMODULES = ("backends", "gpu")
+
 if TYPE_CHECKING:
-    from ._batches import estimate_safe_batch_size, execute, process_in_batches
+    from ._batcher import Batcher
+    from ._batches import estimate_safe_batch_size, process_in_batches
+    from ._checkpoint import CheckpointError, CheckpointMismatchError
     from ._config import Config
     from ._errors import (
         AmortuneError,
         AmortuneWarning,
         MemoryBudgetError,
         NotPicklableError,
+        TaskTimeoutError,
         WorkerCrashedError,
     )
+    from ._execute import execute, imap
     from ._optimize import optimize
     from ._plan import OptimizationResult
     from ._pool import Pool
+    from ._report import report
+    from ._spill import SpillError
     from ._system import probe_system
 
 
 def __getattr__(name: str) -> Any:
+    from importlib import import_module
+
+    if name in _SUBMODULES:
+        return import_module(f".{name}", __name__)
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'amortune' has no attribute {name!r}")
-    from importlib import import_module
 
     value = getattr(import_module(module, __name__), name)
     globals()[name] = value

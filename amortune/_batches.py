@@ -1,19 +1,18 @@
-"""``execute`` and ``process_in_batches``: input stream → plan → scheduler → results.
+"""``process_in_batches``: a memory-safe batch loop on the engine, with spill, reduce, resume.
 
 Data flow::
 
-    data ──▶ plan_run (sample in the caller; results kept) ──▶ serial loop in the caller
-                                                          └──▶ run_chunks on a backend
-                                                               (warm process pool or threads)
-    results: sampled results + the rest, in input order ──▶ list, spill segments or a reduction
+    data ──▶ plan_run once (sample in the caller; results kept) ──▶ batches sized to the budget
+         ──▶ per batch: _engine.stream (one policy and one backend for the whole loop)
+         ──▶ sink: a list, spill segments, a running reduction (strictly in input order), or a
+             checkpoint (resume after a crash, never mixing runs)
 
-Owns the batch loop (budget, spill, reduce, checkpoint) and Ctrl-C handling (workers are
-killed, never orphaned); progress reporting lives in ``_progress``.
+Owns the batch loop (budget, spill, reduce, checkpoint). Ctrl-C stops this call's workers only.
 """
 
 from __future__ import annotations
 
-import functools
+import collections
 import itertools
 import os
 import sys
@@ -21,175 +20,17 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from ._config import Config
-from ._errors import add_note
-from ._model import PROCESS_DISPATCH_SECONDS, THREAD_DISPATCH_SECONDS
+from ._engine import CallOptions, sample_stats, stream
 from ._optimize import PlannedRun, plan_run
 from ._profile import count_items
 from ._progress import Progress
-from ._schedule import ChunkPolicy, FixedChunkPolicy, RunStats, run_chunks
 from ._worker import rss_bytes
-from .backends._base import Backend, FunctionRef
-from .backends.local import discard_warm_pool, get_warm_pool
-from .backends.threads import ThreadBackend
+from .backends._base import FunctionRef
 
-__all__ = ["estimate_safe_batch_size", "execute", "process_in_batches", "stream_results"]
+__all__ = ["estimate_safe_batch_size", "process_in_batches"]
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-#: The serial loop reports progress every this many items (a tqdm update costs ~1 µs).
-_SERIAL_PROGRESS_STEP = 256
-
-
-def _serial(func: Callable[[Any], Any], items: Iterator[Any], offset: int,
-            progress: Progress | None) -> Iterator[list[Any]]:
-    """Run the rest in the caller; yields result lists (one, or slices when reporting progress)."""
-    step = _SERIAL_PROGRESS_STEP if progress is not None else None
-    while True:
-        out: list[Any] = []
-        try:
-            out.extend(map(func, items if step is None else itertools.islice(items, step)))
-        except BaseException as exc:
-            add_note(exc, f"amortune: raised while processing item {offset + len(out)}")
-            raise
-        if not out:
-            return
-        offset += len(out)
-        if progress is not None:
-            progress.update(len(out))
-        yield out
-        if step is None:
-            return
-
-
-def stream_results(
-    func: Callable[[Any], Any],
-    run: PlannedRun,
-    config: Config,
-    items: Iterator[Any],
-    *,
-    start_index: int,
-    n_remaining: int | None,
-    progress: Progress | None = None,
-    stats: RunStats | None = None,
-    max_items_in_flight: int | None = None,
-    backend: Backend | None = None,
-) -> Iterator[list[Any]]:
-    """Yield result lists for ``items`` (input indices from ``start_index``) following ``run.plan``."""
-    plan = run.plan
-    if plan.executor == "serial" and backend is None:
-        yield from _serial(func, items, start_index, progress)
-        return
-    fn = FunctionRef(func, run.sampled.func_bytes)
-    own: Backend | None = None
-    if backend is None:
-        if plan.executor == "threads":
-            backend = own = ThreadBackend(plan.n_jobs)
-        else:
-            backend = get_warm_pool(plan.n_jobs, config.start_method, thread_cap=plan.thread_cap,
-                                    memory_growth_bytes=config.worker_memory_growth_bytes)
-    n_workers = plan.n_jobs
-    per_item = plan.profile.result_memory_bytes + plan.profile.in_bytes
-    if max_items_in_flight is None and per_item > 0:
-        budget = config.memory_fraction * run.system.available_memory_bytes
-        max_items_in_flight = max(n_workers * 2, int(budget // per_item))
-    dispatch = PROCESS_DISPATCH_SECONDS if backend.kind == "processes" else THREAD_DISPATCH_SECONDS
-    policy = (FixedChunkPolicy(plan.chunksize, n_workers, config.target_chunk_seconds)
-              if run.chunksize_pinned else
-              ChunkPolicy(plan.chunksize, n_workers, config.target_chunk_seconds,
-                          dispatch_seconds=dispatch))
-    try:
-        yield from run_chunks(
-            backend, fn, items,
-            start_index=start_index,
-            policy=policy,
-            n_remaining=n_remaining,
-            retries=config.retries,
-            retry_on=config.retry_on,
-            retry_backoff_seconds=config.retry_backoff_seconds,
-            timeout_seconds=config.timeout_seconds,
-            max_chunks_in_flight=2 * n_workers + 1,
-            max_items_in_flight=max_items_in_flight,
-            on_progress=progress.update if progress is not None else None,
-            stats=stats,
-        )
-    except KeyboardInterrupt:
-        backend.shutdown(wait=True, kill=True)
-        if own is None:
-            discard_warm_pool(backend)  # type: ignore[arg-type]
-        raise
-    finally:
-        if own is not None:
-            own.shutdown(wait=True)
-
-
-def execute(
-    func: Callable[[T], R],
-    data: Iterable[T],
-    *,
-    n_jobs: int | None = None,
-    chunksize: int | None = None,
-    executor: str | None = None,
-    progress: Any = False,
-    progress_callback: Callable[[str, float], None] | None = None,
-    retries: int | None = None,
-    timeout: float | None = None,
-    retry_on: tuple[type[BaseException], ...] | None = None,
-    config: Config | None = None,
-) -> list[R]:
-    """``list(map(func, data))``, measured and run the fastest way this machine allows.
-
-    Samples ``func`` on the first items in the caller (those results are kept), decides serial,
-    processes or threads with ``n_jobs`` and ``chunksize``, and runs the rest. Results come back
-    in input order; an exception from ``func`` is re-raised with its own type, the worker's
-    traceback as ``__cause__`` and the item's index in a note.
-
-    Parameters
-    ----------
-    n_jobs, chunksize, executor:
-        Pin what the plan would choose (``executor``: ``"serial"``, ``"processes"``, ``"threads"``).
-    progress:
-        ``True`` for a tqdm bar, or a tqdm instance to update.
-    progress_callback:
-        ``callback(phase, fraction)`` with phases ``"optimize"`` and ``"execute"``.
-    retries, timeout, retry_on:
-        Re-run chunks lost to a dead worker or a timeout up to ``retries`` times; ``timeout`` is
-        seconds per item (the worker is killed and replaced); ``retry_on`` lists exception types
-        from ``func`` worth retrying with backoff.
-
-    Examples
-    --------
-    >>> import amortune
-    >>> amortune.execute(lambda x: x * x, range(5))
-    [0, 1, 4, 9, 16]
-    """
-    cfg = (config or Config.from_env()).replace(
-        retries=retries, timeout_seconds=timeout, retry_on=retry_on)
-    run = plan_run(func, data, cfg, n_jobs=n_jobs, chunksize=chunksize, executor=executor)
-    _warn(run)
-    results: list[Any] = run.sampled.results
-    prog = None
-    if (progress is not None and progress is not False) or progress_callback is not None:
-        prog = Progress(progress, progress_callback, run.plan.n_items, initial=len(results))
-    try:
-        if run.plan.executor == "serial" and prog is None:
-            try:  # straight into the result list: the fastest loop Python has
-                results.extend(map(func, run.sampled.remaining_items()))
-            except BaseException as exc:
-                add_note(exc, f"amortune: raised while processing item {len(results)}")
-                raise
-            return results
-        for chunk in stream_results(
-            func, run, cfg, run.sampled.remaining_items(),
-            start_index=len(results),
-            n_remaining=run.sampled.n_remaining if run.sampled.n_remaining_known else None,
-            progress=prog,
-        ):
-            results.extend(chunk)
-    finally:
-        if prog is not None:
-            prog.close()
-    return results
 
 
 def _warn(run: PlannedRun) -> None:
@@ -222,8 +63,9 @@ def estimate_safe_batch_size(result_size_bytes: int, max_memory_percent: float =
 #: In a batch loop, results held in a batch take at most this share of the memory budget; the
 #: rest covers chunks in flight and pickled buffers (measured: peak ≈ 1.6 × batch results).
 _BATCH_SHARE = 0.6
-_OPTIMIZE_KEYS = frozenset({"n_jobs", "chunksize", "executor", "config", "retries", "timeout",
-                            "retry_on", "profile", "max_memory_bytes"})
+_OPTIMIZE_KEYS = frozenset({"n_jobs", "chunksize", "executor", "backend", "config", "retries",
+                            "timeout", "retry_on", "profile", "max_memory_bytes",
+                            "initializer", "initargs"})
 
 
 def _say(verbose: bool, message: str) -> None:
@@ -314,8 +156,9 @@ def process_in_batches(
         timeout_seconds=optimize_kwargs.get("timeout"),
         retry_on=optimize_kwargs.get("retry_on"),
     )
-    if spill is not None and not isinstance(spill, (os.PathLike, str)):
-        raise TypeError(f"spill must be 'disk', a folder path or None, got {spill!r}")
+    from ._spill import resolve_spill_target
+
+    spill_target = resolve_spill_target(spill)  # None, "disk" or a folder; refuses "ram"
     ckpt = None
     if checkpoint is not None:
         from ._checkpoint import Checkpoint, describe_function, function_fingerprint
@@ -324,6 +167,7 @@ def process_in_batches(
                                mode="list" if reduce is None else "reduce",
                                function_name=describe_function(func))
     sink = _BatchSink(reduce, ckpt)
+    sink.lazy = spill_target is not None
     try:
         source: Iterable[Any] = data
         it = iter(data)
@@ -346,7 +190,7 @@ def process_in_batches(
             # a checkpoint the checkpoint's own segments are the spill.
             from ._spill import SpillStore
 
-            sink.store = SpillStore(None if spill == "disk" else spill)
+            sink.store = SpillStore(None if spill_target == "disk" else spill_target)
         _batch_loop(func, source, cfg, sink, batch_size=batch_size, verbose=verbose,
                     done_items=done_items, progress=progress,
                     progress_callback=progress_callback, opts=optimize_kwargs)
@@ -390,18 +234,23 @@ class _BatchSink:
         self.aggregate: Any = _NOTHING
         self.collected: list[Any] = []
         self.seq = len(ckpt.batches) if ckpt is not None else 0
+        #: Results come back as a lazy disk-backed sequence (spill=, or a checkpoint's segments).
+        self.lazy = False
 
     @property
     def returns_list(self) -> bool:
         """True when every result ends up in one list in memory."""
-        return self.store is None and self.reduce is None
+        return self.store is None and self.reduce is None and not self.lazy
 
     def write(self, start: int, inputs: list[Any], results: list[Any]) -> None:
         """Take batch ``self.seq`` (input indices from ``start``)."""
         if self.reduce is not None:
-            partial = functools.reduce(self.reduce, results)
-            self.aggregate = (partial if self.aggregate is _NOTHING
-                              else self.reduce(self.aggregate, partial))
+            # Strictly in input order, one result at a time: fn(fn(r0, r1), r2)... whatever the
+            # batch size, so a non-associative fn gives the same answer on every machine.
+            agg, fold = self.aggregate, self.reduce
+            for r in results:
+                agg = r if agg is _NOTHING else fold(agg, r)
+            self.aggregate = agg
         if self.ckpt is not None:
             from ._checkpoint import input_digest
 
@@ -444,8 +293,15 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config, sink
     from ._errors import AmortuneWarning, MemoryBudgetError
     from ._model import fmt_bytes
 
+    if opts.get("initializer") is not None:
+        from .backends._base import WorkerSetup
+        from .backends.serial import run_setup_in_caller
+
+        run_setup_in_caller(WorkerSetup(opts["initializer"], tuple(opts.get("initargs") or ())))
+    t_plan = time.perf_counter()
     run = plan_run(func, it, cfg, n_jobs=opts.get("n_jobs"), chunksize=opts.get("chunksize"),
-                   executor=opts.get("executor"))
+                   executor=opts.get("backend") or opts.get("executor"), start_index=done_items)
+    _warn(run)
     plan, sampled = run.plan, run.sampled
     if opts.get("profile"):
         _say(True, plan.explain())
@@ -480,52 +336,84 @@ def _batch_loop(func: Callable[[Any], Any], it: Iterable[Any], cfg: Config, sink
     prog = None
     if (progress is not None and progress is not False) or progress_callback is not None:
         prog = Progress(progress, progress_callback, total, initial=done_items + len(sampled.results))
-    backend: Backend | None = ThreadBackend(plan.n_jobs) if plan.executor == "threads" else None
     pending_results: list[Any] = sampled.results
-    head = sampled.inputs
-    rest = sampled.remaining_items()
+    sampled.results = []
+    inputs_seen: collections.deque[Any] = collections.deque(sampled.inputs)
+    sampled.inputs = []
+    rest = _Recording(sampled.remaining_items(), inputs_seen)
     n_rest = sampled.n_remaining if sampled.n_remaining_known else None
     start = done_items
     baseline_rss = rss_bytes()
     max_in_flight = max(2 * plan.n_jobs, int(0.25 * budget // max(per_result, 1)))
+    stats = sample_stats(run, done_items, t_plan)
+    fn = FunctionRef(func, sampled.func_bytes)
+    scheds: list[Any] = []
+    parts = stream(func, run, cfg, iter(rest), start_index=done_items + len(pending_results),
+                   n_remaining=n_rest, fn=fn, stats=stats,
+                   opts=CallOptions(max_items_in_flight=max(1, min(
+                                        max_in_flight, batch_size - len(pending_results))),
+                                    initializer=opts.get("initializer"),
+                                    initargs=tuple(opts.get("initargs") or ())),
+                   on_progress=prog.update if prog is not None else None,
+                   on_scheduler=scheds.append)
+    t0 = time.perf_counter()
+    batch_results = pending_results
+
+    def bound() -> None:
+        # Read no further than the current batch: inputs and results alive stay within it.
+        if scheds:
+            scheds[0].max_items = max(1, min(max_in_flight, (batch_size or 1) - len(batch_results)))
+
     try:
+        ended = False
         while True:
-            t0 = time.perf_counter()
-            take = max(0, batch_size - len(pending_results))
-            batch_inputs = list(itertools.islice(rest, take))
-            if n_rest is not None:
-                n_rest -= len(batch_inputs)
-            if not batch_inputs and not pending_results:
+            while batch_results and (len(batch_results) >= batch_size or ended):
+                take = batch_results[:batch_size]
+                batch_results = batch_results[batch_size:]
+                count = len(take)
+                inputs = [inputs_seen.popleft() for _ in range(count)]
+                sink.write(start, inputs, take)
+                del take, inputs
+                _release_freed_memory()
+                rss = rss_bytes()
+                of_total = f" of {total}" if total is not None else ""
+                _say(verbose, f"Batch {sink.seq}: items {start}-{start + count - 1} ({count} "
+                              f"items, {start + count}{of_total} done) in "
+                              f"{time.perf_counter() - t0:.2f} s, memory {fmt_bytes(rss)}")
+                t0 = time.perf_counter()
+                kept = len(sink.collected) * per_result  # a returned list is meant to stay
+                if rss - baseline_rss - kept > budget and batch_size > 1:
+                    batch_size = max(1, batch_size // 2)
+                    warnings.warn(f"memory grew to {fmt_bytes(rss - baseline_rss - kept)} above "
+                                  f"the start, more than the budget of {fmt_bytes(budget)}; next "
+                                  f"batches hold {batch_size} items", AmortuneWarning,
+                                  stacklevel=3)
+                start += count
+            if ended:
                 break
-            batch_results = pending_results
-            pending_results = sampled.results = []
-            for part in stream_results(func, run, cfg, iter(batch_inputs),
-                                       start_index=start + len(batch_results),
-                                       n_remaining=len(batch_inputs), progress=prog,
-                                       max_items_in_flight=max_in_flight, backend=backend):
+            bound()
+            part = next(parts, None)
+            if part is None:
+                ended = True
+            else:
                 batch_results.extend(part)
-            part = []  # drop the reference to the last chunk's results
-            count = len(batch_results)
-            sink.write(start, head + batch_inputs, batch_results)
-            head = sampled.inputs = sampled.read_ahead = []
-            del batch_results
-            _release_freed_memory()
-            # Results live in this process; workers hold one chunk each and are recycled by
-            # Config.worker_memory_growth_bytes, so the caller's growth is what the budget bounds.
-            rss = rss_bytes()
-            of_total = f" of {total}" if total is not None else ""
-            _say(verbose, f"Batch {sink.seq}: items {start}-{start + count - 1} ({count} items, "
-                          f"{start + count}{of_total} done) in {time.perf_counter() - t0:.2f} s, "
-                          f"memory {fmt_bytes(rss)}")
-            kept = len(sink.collected) * per_result  # a returned list is meant to stay
-            if rss - baseline_rss - kept > budget and batch_size > 1:
-                batch_size = max(1, batch_size // 2)
-                warnings.warn(f"memory grew to {fmt_bytes(rss - baseline_rss - kept)} above the start, "
-                              f"more than the budget of {fmt_bytes(budget)}; next batches hold "
-                              f"{batch_size} items", AmortuneWarning, stacklevel=3)
-            start += count
+            part = None
     finally:
-        if backend is not None:
-            backend.shutdown(wait=True)
+        parts.close()  # type: ignore[attr-defined]
         if prog is not None:
             prog.close()
+
+
+class _Recording:
+    """Iterates the input and keeps every item read until its batch is written (digests)."""
+
+    def __init__(self, it: Iterator[Any], seen: collections.deque[Any]) -> None:
+        self._it, self._seen = it, seen
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        item = next(self._it)
+        self._seen.append(item)
+        return item

@@ -3,15 +3,14 @@
 Owns :class:`Checkpoint` (one folder: ``manifest.json``, plus the result segments of finished
 batches in ``"list"`` mode or the running aggregate in ``"reduce"`` mode), the fingerprints that
 tell whether a resumed run is the same run (:func:`function_fingerprint`, :func:`input_digest`) and
-the checkpoint errors. Imports the standard library, :mod:`amortune._errors` and
-:mod:`amortune._spill` (whose atomic writer it reuses); cloudpickle only inside functions.
+the checkpoint errors. Imports the standard library, :mod:`amortune._errors`, :mod:`amortune._files`
+and the segment classes of :mod:`amortune._spill`; cloudpickle only inside functions.
 
 Kill safety comes from the write order: a batch's data is written first, atomically and under a
-name of its own, then the manifest is replaced atomically. The manifest therefore lists only
-complete batches; a crash between the two leaves a file it does not list, deleted on the next open.
-
-Files here are loaded with pickle, so a folder or file not owned by the current user, or writable
-by group or others, is refused.
+name of its own, then the manifest is replaced atomically, so it lists only complete batches; a
+crash between the two leaves a file it does not list, deleted on the next open. Files are loaded
+with pickle, so the folder and every file must be private to the current user and are re-checked
+at each read (:class:`amortune._files.PrivateDir`): a folder replaced mid-run is never read.
 """
 
 from __future__ import annotations
@@ -22,62 +21,56 @@ import hashlib
 import json
 import logging
 import os
-import pathlib
 import pickle
 import re
 import shutil
-import stat
+import sys
 import types
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from amortune._errors import AmortuneError
+from amortune._files import (
+    FileErrors,
+    PrivateDir,
+    canonical_digest,
+    canonical_dumps,
+    canonical_pickles,
+    dump_stream,
+    file_error,
+)
+from amortune._spill import Segment, SpilledResults, SpillStore, write_segment
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: concurrent runs are not detected
     fcntl = None  # type: ignore[assignment]
-from ._spill import (
-    SEGMENT_NAME_RE,
-    Segment,
-    SpilledResults,
-    SpillStore,
-    dump_pickle,
-    make_private_dir,
-    unlink_quietly,
-    write_file_atomic,
-    write_segment_file,
-)
 
-__all__ = [
-    "BatchRecord",
-    "Checkpoint",
-    "CheckpointError",
-    "CheckpointMismatchError",
-    "CheckpointPermissionError",
-    "describe_function",
-    "function_fingerprint",
-    "input_digest",
-]
+__all__ = ["BatchRecord", "Checkpoint", "CheckpointError", "CheckpointMismatchError",
+           "CheckpointPermissionError", "describe_function", "function_fingerprint", "input_digest"]
 
 logger = logging.getLogger("amortune")
 
 _MANIFEST = "manifest.json"
 _LOCK = ".lock"
-_VERSION = 1
+# Format 2 stores each result's own pickle in a ``.pkl`` segment; format 1 (still read) pickled
+# the whole list, and its fingerprints did not cover the values a function captures.
+_VERSION = 2
+_READABLE = (1, 2)
 _MODES = ("list", "reduce")
 _AGGREGATE_RE = re.compile(r"aggregate-(\d{8,})\.pkl\Z")
 # Names this module writes, with or without the ``.<hex>.tmp`` suffix of an unfinished write;
 # only such files are ever deleted from a checkpoint folder.
 _OURS_RE = re.compile(
-    r"(seg-\d{8,}\.(?:npy|pkl)|aggregate-\d{8,}\.pkl|manifest\.json)(\.\w+\.tmp)?\Z"
+    r"(seg-\d{8,}\.(?:npy|pkl)|aggregate-\d{8,}\.pkl|manifest\.json|\.amortune-probe-\w+)"
+    r"(\.\w+\.tmp)?\Z"
 )
 _UNSET: Any = object()
 
 
 class CheckpointError(AmortuneError):
-    """A checkpoint folder cannot be used (damaged manifest, missing file, wrong mode of use)."""
+    """A checkpoint folder cannot be used (damaged manifest or file, missing file, wrong use)."""
 
 
 class CheckpointMismatchError(CheckpointError, ValueError):
@@ -85,7 +78,11 @@ class CheckpointMismatchError(CheckpointError, ValueError):
 
 
 class CheckpointPermissionError(CheckpointError, PermissionError):
-    """A checkpoint folder or file another user could alter; it is not loaded."""
+    """A checkpoint folder or file another user could alter, a symbolic link, a folder replaced
+    after it was opened, or one the current user cannot read and write; it is not loaded."""
+
+
+_ERRORS = FileErrors("checkpoint", CheckpointPermissionError, CheckpointError)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,31 +105,100 @@ def describe_function(func: Callable[..., Any]) -> str:
 
 
 def function_fingerprint(func: Callable[..., Any]) -> str:
-    """A sha256 that changes when the function's code changes, stable across processes.
+    """A sha256 that changes when the function or what it captures changes, stable across
+    processes and hash seeds.
 
     Hashes the module, qualified name and code (bytecode, names and constants, nested functions
-    included; not line numbers). Closure values, defaults and the functions it calls are not
-    covered. A ``functools.partial`` adds its arguments, and other callables without ``__code__``
-    (callable instances, builtins) their class's ``__call__`` code and their pickled bytes.
+    included; not line numbers) and what the function captures: defaults, keyword-only defaults,
+    closure cells, a bound method's ``self`` and the globals its code names. Captured functions of
+    the same module, of ``__main__`` or local ones are covered the same way, recursively; other
+    functions and classes by qualified name, modules by name, other values by their pickled bytes
+    (sets canonicalised; an unpicklable value by its type). So a mutable global the function uses
+    (a cache dict) counts too. A ``functools.partial`` adds its arguments, and other callables
+    without ``__code__`` their class's ``__call__`` and their pickled bytes.
     """
+    return _fingerprint(func, {})
+
+
+def _fingerprint(func: Any, seen: dict[int, Any]) -> str:
     h = hashlib.sha256(describe_function(func).encode())
     code = getattr(func, "__code__", None)
     if isinstance(code, types.CodeType):
         h.update(_code_digest(code).encode())
+        captured = _captures(func, seen)  # nothing captured: the fingerprint of format 1
+        h.update(b"\x00captures:" + captured if captured else b"")
         return h.hexdigest()
     state: Any = func
     if isinstance(func, functools.partial):
-        h.update(function_fingerprint(func.func).encode())
+        h.update(_fingerprint(func.func, seen).encode())
         state = (func.args, func.keywords)
-    else:
-        call_code = getattr(type(func).__call__, "__code__", None)
-        if isinstance(call_code, types.CodeType):
-            h.update(_code_digest(call_code).encode())
+    elif isinstance(getattr(type(func).__call__, "__code__", None), types.CodeType):
+        call = type(func).__call__
+        h.update(_code_digest(call.__code__).encode())
+        captured = _captures(call, seen)
+        h.update(b"\x00captures:" + captured if captured else b"")
     try:
-        h.update(_pickle_bytes(state))
+        h.update(canonical_dumps(state))
     except Exception:  # still identified by its name and code
         logger.debug("amortune could not pickle %r for its fingerprint", state)
     return h.hexdigest()
+
+
+def _captures(func: Any, seen: dict[int, Any]) -> bytes:
+    """A digest of the values ``func`` captures, or ``b""`` when it captures none (or was seen:
+    ``seen`` keeps what it holds alive, so an id is never reused meanwhile)."""
+    if id(func) in seen:
+        return b""
+    seen[id(func)] = func
+    home = getattr(func, "__module__", None)
+    parts: list[bytes] = []
+    for label, values in (("default", func.__defaults__ or ()),
+                          ("kwdefault", sorted((func.__kwdefaults__ or {}).items()))):
+        parts += [label.encode() + _value_digest(v, home, seen) for v in values]
+    for cell in func.__closure__ or ():
+        try:
+            contents = cell.cell_contents
+        except ValueError:  # a cell not yet filled
+            parts.append(b"cell:empty")
+        else:
+            parts.append(b"cell:" + _value_digest(contents, home, seen))
+    namespace = getattr(func, "__globals__", {})
+    for name in sorted(_global_names(func.__code__)):
+        if name in namespace:
+            parts.append(f"global:{name}=".encode() + _value_digest(namespace[name], home, seen))
+    if isinstance(func, types.MethodType):
+        parts.append(b"self:" + _value_digest(func.__self__, home, seen))
+    return hashlib.sha256(b"\x00".join(parts)).digest() if parts else b""
+
+
+def _global_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            names |= _global_names(const)
+    return names
+
+
+def _value_digest(value: Any, home: str | None, seen: dict[int, Any]) -> bytes:
+    if isinstance(value, types.ModuleType):
+        return b"module:" + value.__name__.encode()
+    try:
+        inner = getattr(value, "__wrapped__", None)
+    except Exception:  # a proxy that answers every attribute
+        inner = None
+    if not isinstance(value, types.FunctionType) and isinstance(inner, types.FunctionType):
+        value = inner  # a decorator's wrapper (functools.lru_cache ...): the function inside
+    if isinstance(value, (types.FunctionType, types.MethodType)):
+        module, qualname = getattr(value, "__module__", None), value.__qualname__
+        if module in (home, "__main__", None) or "<" in qualname or module not in sys.modules:
+            return b"function:" + _fingerprint(value, seen).encode()
+        return b"ref:" + describe_function(value).encode()
+    if isinstance(value, (type, types.BuiltinFunctionType)):
+        return b"ref:" + describe_function(value).encode()
+    try:
+        return b"value:" + canonical_digest(value)
+    except Exception:
+        return b"unpicklable:" + describe_function(type(value)).encode()
 
 
 def _code_digest(code: types.CodeType) -> str:
@@ -150,46 +216,19 @@ def _const_text(const: object) -> str:
     return f"{type(const).__name__}:{const!r}"
 
 
-def _pickle_bytes(obj: Any) -> bytes:
-    try:
-        return pickle.dumps(obj, protocol=5)
-    except Exception:
-        import cloudpickle
-
-        return bytes(cloudpickle.dumps(obj, protocol=5))
-
-
 def input_digest(items: Sequence[Any]) -> str:
-    """A sha256 of the pickled items (cloudpickle for what pickle refuses).
+    """A sha256 of the pickled items (cloudpickle for what pickle refuses), whatever the hash seed.
 
     Each item is pickled on its own, so object sharing between items does not change the digest.
-    Sets of strings pickle in a per-process order: an input holding them reads as changed.
+    Sets and frozensets, at any depth, are hashed with their elements in a canonical order (see
+    :func:`amortune._files.canonical_pickles`), so sets of strings digest the same in every
+    process; dicts keep their insertion order.
     """
     h = hashlib.sha256()
-    for item in items:
-        try:
-            data, tag = pickle.dumps(item, protocol=5), b"P"
-        except Exception:
-            data, tag = _pickle_bytes(item), b"C"
-        h.update(b"%s%d:" % (tag, len(data)))
+    for data, cloud in canonical_pickles(items):
+        h.update(b"%s%d:" % (b"C" if cloud else b"P", len(data)))
         h.update(data)
     return h.hexdigest()
-
-
-def _check_private(path: pathlib.Path) -> None:
-    """Refuse a file or folder another user owns or could write: its content is unpickled."""
-    st = os.stat(path)
-    uid = os.getuid() if hasattr(os, "getuid") else st.st_uid
-    if st.st_uid != uid:
-        problem = f"belongs to user id {st.st_uid}, not to the current user ({uid})"
-    elif st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        problem = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
-    else:
-        return
-    raise CheckpointPermissionError(
-        f"checkpoint path {path} {problem}; checkpoints are loaded with pickle, so amortune "
-        "refuses it: make it owner-only (chmod go-w) or use another path"
-    )
 
 
 class Checkpoint:
@@ -199,11 +238,12 @@ class Checkpoint:
     ``"reduce"`` mode stores the running aggregate after each batch.
     """
 
-    def __init__(self, path: pathlib.Path, fingerprint: str, mode: str, function_name: str) -> None:
-        self.path = path
+    def __init__(self, folder: PrivateDir, fingerprint: str, mode: str, function_name: str) -> None:
+        self.path = folder.path
         self.fingerprint = fingerprint
         self.mode = mode
         self.function_name = function_name
+        self._folder = folder
         self._batches: list[BatchRecord] = []
         self._segments: dict[int, Segment] = {}
         self._aggregate_name: str | None = None
@@ -211,34 +251,26 @@ class Checkpoint:
         self._unlock: Callable[[], object] = lambda: None
 
     @classmethod
-    def open(
-        cls,
-        path: str | os.PathLike[str],
-        *,
-        fingerprint: str,
-        mode: str,
-        function_name: str = "",
-    ) -> Checkpoint:
+    def open(cls, path: str | os.PathLike[str], *, fingerprint: str, mode: str,
+             function_name: str = "") -> Checkpoint:
         """Create the checkpoint folder (mode 0700) or load its manifest.
 
         Raises :class:`CheckpointPermissionError` for a folder or file that is not private to
-        the current user, :class:`CheckpointMismatchError` when the stored ``fingerprint`` or
-        ``mode`` differ, and :class:`CheckpointError` for a damaged manifest. Files a crash left
-        behind (unlisted segments or aggregates, ``*.tmp``) are deleted.
+        the current user (or a symbolic link), and for a folder the current user cannot read and
+        write; :class:`CheckpointMismatchError` when the stored ``fingerprint`` or ``mode``
+        differ; :class:`CheckpointError` for a damaged manifest or a listed file that is missing
+        or of another size than was written. Files a crash left behind (unlisted segments or
+        aggregates, ``*.tmp``) are deleted.
         """
         if mode not in _MODES:
             raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
-        self = cls(pathlib.Path(path).absolute(), fingerprint, mode, function_name)
-        make_private_dir(self.path)
-        _check_private(self.path)
-        self._lock()
+        self = cls(PrivateDir.open(path, errors=_ERRORS), fingerprint, mode, function_name)
         try:
-            manifest = self.path / _MANIFEST
-            if manifest.exists():
-                _check_private(manifest)
-                self._load(manifest)
+            self._lock()
+            if self._folder.exists(_MANIFEST):
+                self._load()
             self._remove_unlisted()
-            if not manifest.exists():  # mark the folder as this function's from the start
+            if not self._folder.exists(_MANIFEST):  # mark the folder as this function's
                 self._write_manifest(self._batches, self._segments, None)
         except BaseException:
             self.close()
@@ -247,7 +279,12 @@ class Checkpoint:
 
     def _lock(self) -> None:
         """Hold an ``flock`` on ``.lock`` while open: a second run would delete our new files."""
-        fd = os.open(self.path / _LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = self._folder.open_file(_LOCK, os.O_RDWR | os.O_CREAT)  # refused unless private
+        except OSError as exc:
+            if isinstance(exc, AmortuneError):
+                raise
+            raise file_error(_ERRORS, self.path / _LOCK, exc) from exc
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -263,6 +300,7 @@ class Checkpoint:
         """Release the folder for another run (also done when the object is collected)."""
         self._closed = True
         self._unlock()
+        self._folder.close()
 
     def __enter__(self) -> Checkpoint:
         return self
@@ -293,20 +331,13 @@ class Checkpoint:
             )
         if rec.input_digest != digest:
             raise CheckpointMismatchError(
-                f"the input changed since the checkpoint at {self.path} was written: batch {seq} "
-                f"(items {start}-{stop - 1}) differs; use another path or delete it"
+                f"the input changed since the checkpoint at {self.path} was written, or its "
+                f"items do not pickle to the same bytes in every run: batch {seq} (items "
+                f"{start}-{stop - 1}) digests differently; use another path or delete it"
             )
 
-    def record_batch(
-        self,
-        seq: int,
-        start: int,
-        stop: int,
-        digest: str,
-        *,
-        results: Sequence[Any] | None = None,
-        aggregate: Any = _UNSET,
-    ) -> None:
+    def record_batch(self, seq: int, start: int, stop: int, digest: str, *,
+                     results: Sequence[Any] | None = None, aggregate: Any = _UNSET) -> None:
         """Store a finished batch (its ``results``, or the ``aggregate`` so far), then list it.
 
         The data file is written atomically first and the manifest atomically after it, so a
@@ -324,14 +355,14 @@ class Checkpoint:
         if self.mode == "list":
             if results is None or aggregate is not _UNSET:
                 raise TypeError("a 'list' mode checkpoint records results=..., not aggregate=")
-            segments[seq] = write_segment_file(self.path, seq, results)
+            segments[seq] = write_segment(self._folder, seq, results)
             segment_name: str | None = segments[seq].name
         else:
             if aggregate is _UNSET or results is not None:
                 raise TypeError("a 'reduce' mode checkpoint records aggregate=..., not results=")
             aggregate_name, segment_name = f"aggregate-{seq:08d}.pkl", None
             what = f"the aggregate after batch {seq}"
-            write_file_atomic(self.path, aggregate_name, lambda s: dump_pickle(s, aggregate, what))
+            self._folder.write_atomic(aggregate_name, lambda s: dump_stream(s, aggregate, what))
         batches = [*self._batches, BatchRecord(seq, start, stop, digest, segment_name)]
         # On failure the new file stays unlisted (and is deleted at the next open): deleting it
         # here would be wrong if the manifest rename succeeded and only the folder fsync failed.
@@ -339,7 +370,7 @@ class Checkpoint:
         previous = self._aggregate_name
         self._batches, self._segments, self._aggregate_name = batches, segments, aggregate_name
         if previous is not None and previous != aggregate_name:
-            unlink_quietly(self.path / previous)
+            self._folder.unlink(previous)
 
     def aggregate(self) -> Any:
         """The aggregate stored with the last finished batch (``"reduce"`` mode)."""
@@ -349,24 +380,26 @@ class Checkpoint:
             )
         if self._aggregate_name is None:
             raise LookupError(f"the checkpoint at {self.path} holds no aggregate yet")
-        with open(self.path / self._aggregate_name, "rb") as f:
-            return pickle.load(f)
+        return self._folder.read(self._aggregate_name, pickle.load)
 
     def results(self) -> SpilledResults:
         """A lazy read-only sequence of every finished batch's results (``"list"`` mode).
 
-        It has a store of its own, so closing it leaves the checkpoint usable.
+        It has a store (and folder descriptor) of its own, so closing it leaves the checkpoint
+        usable. Reading it raises :class:`CheckpointPermissionError` if the folder was replaced
+        since it was opened, and :class:`CheckpointError` naming the file for a damaged segment.
         """
         if self.mode != "list":
             raise ValueError(f"the checkpoint at {self.path} is in {self.mode!r} mode, not 'list'")
-        store = SpillStore(self.path, keep=True)
+        store = SpillStore.over(self._folder.dup())
         for segment in self._segments.values():
             store.adopt(segment)
         return store.results()
 
     def remove(self) -> None:
-        """Delete the checkpoint folder and everything in it."""
+        """Delete the checkpoint folder and everything in it (never a folder that replaced it)."""
         self.close()
+        self._folder.verify_identity()
         shutil.rmtree(self.path, ignore_errors=True)
 
     def __repr__(self) -> str:
@@ -375,20 +408,30 @@ class Checkpoint:
             f"next_start={self.next_start}>"
         )
 
-    def _load(self, manifest: pathlib.Path) -> None:
+    def _load(self) -> None:
+        manifest = self.path / _MANIFEST
         try:
-            data = json.loads(manifest.read_text(encoding="utf-8"))
+            raw = self._folder.read(_MANIFEST, lambda f: f.read())
+            data = json.loads(raw.decode("utf-8"))
             version, stored_fp, stored_mode = data["version"], data["fingerprint"], data["mode"]
+        except AmortuneError:
+            raise
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(
                 f"checkpoint manifest {manifest} is unreadable ({exc}); delete the folder"
             ) from exc
-        if version != _VERSION:
+        if version not in _READABLE:
             raise CheckpointError(f"checkpoint {self.path} has format {version}, not {_VERSION}")
         retry = "use another path or delete it"
         if stored_fp != self.fingerprint:
             stored_name = data.get("function") or "?"
-            changed = " (its code changed)" if stored_name == self.function_name else ""
+            changed = ""
+            if stored_name == self.function_name:
+                changed = (" (the same function, but its code or the values it captures - "
+                           "defaults, closure cells, globals it uses - differ from the run that "
+                           "wrote it")
+                changed += (", or it captures values, which format 1 checkpoints did not "
+                            "fingerprint)" if version == 1 else ")")
             raise CheckpointMismatchError(
                 f"checkpoint at {self.path} was written by function {stored_name} (fingerprint "
                 f"{str(stored_fp)[:12]}), this call runs {self.function_name or '?'} (fingerprint "
@@ -405,29 +448,30 @@ class Checkpoint:
             raise CheckpointError(
                 f"checkpoint manifest {manifest} is damaged ({exc}); delete the folder"
             ) from exc
-        for name in [*(s.name for s in self._segments.values()), self._aggregate_name]:
-            if name is not None:
-                if not (self.path / name).is_file():
-                    raise CheckpointError(f"checkpoint file {self.path / name} is missing")
-                _check_private(self.path / name)
+        sizes = {s.name: s.nbytes for s in self._segments.values()}
+        for name in [*sizes, *([self._aggregate_name] if self._aggregate_name else [])]:
+            try:
+                size = self._folder.stat_file(name).st_size
+            except FileNotFoundError:
+                raise CheckpointError(f"checkpoint file {self.path / name} is missing") from None
+            if name in sizes and size != sizes[name]:
+                raise CheckpointError(
+                    f"checkpoint file {self.path / name} is {size} bytes, but {sizes[name]} were "
+                    "written: it was truncated or overwritten; delete the folder")
 
     def _parse(self, data: dict[str, Any]) -> None:
         for i, e in enumerate(data["batches"]):
-            seq, start, stop, digest = (
-                int(e["seq"]),
-                int(e["start"]),
-                int(e["stop"]),
-                e["input_digest"],
-            )
+            seq, start, stop = int(e["seq"]), int(e["start"]), int(e["stop"])
+            digest = e["input_digest"]
             if seq != i or start != self.next_start or stop < start or not isinstance(digest, str):
                 raise ValueError(f"batch {i} is out of order")
             name = None
             if self.mode == "list":
-                name = str(e["segment"])
-                match = SEGMENT_NAME_RE.match(name)
-                if match is None or int(match.group(1)) != seq:
-                    raise ValueError(f"bad segment name {name!r}")
-                self._segments[seq] = Segment(seq, name, int(e["count"]), int(e["nbytes"]))
+                segment = Segment.checked(seq, str(e["segment"]), int(e["count"]),
+                                          int(e["nbytes"]))
+                if segment.count != stop - start:
+                    raise ValueError(f"batch {i} holds {segment.count} results, not {stop - start}")
+                self._segments[seq], name = segment, segment.name
             self._batches.append(BatchRecord(seq, start, stop, digest, name))
         name = data.get("aggregate")
         if self.mode == "reduce" and self._batches:
@@ -436,33 +480,24 @@ class Checkpoint:
                 raise ValueError(f"bad aggregate name {name!r}")
             self._aggregate_name = str(name)
 
-    def _write_manifest(
-        self, batches: list[BatchRecord], segments: dict[int, Segment], aggregate: str | None
-    ) -> None:
-        entries = []
-        for b in batches:
-            seg = segments.get(b.seq)
-            entries.append(
-                {**dataclasses.asdict(b), "count": seg and seg.count, "nbytes": seg and seg.nbytes}
-            )
-        head = {
-            "version": _VERSION,
-            "fingerprint": self.fingerprint,
-            "function": self.function_name,
-        }
-        manifest = {**head, "mode": self.mode, "batches": entries, "aggregate": aggregate}
+    def _write_manifest(self, batches: list[BatchRecord], segments: dict[int, Segment],
+                        aggregate: str | None) -> None:
+        entries = [{**dataclasses.asdict(b), "count": seg and seg.count,
+                    "nbytes": seg and seg.nbytes} for b in batches for seg in [segments.get(b.seq)]]
+        manifest = {"version": _VERSION, "fingerprint": self.fingerprint,
+                    "function": self.function_name, "mode": self.mode, "batches": entries,
+                    "aggregate": aggregate}
         payload = json.dumps(manifest, separators=(",", ":")).encode()
-        write_file_atomic(self.path, _MANIFEST, lambda sink: sink.write(payload))
+        self._folder.write_atomic(_MANIFEST, lambda sink: sink.write(payload))
 
     def _remove_unlisted(self) -> None:
         listed = {_MANIFEST, self._aggregate_name, *(s.name for s in self._segments.values())}
-        for entry in os.scandir(self.path):
+        for entry in self._folder.entries():
             match = _OURS_RE.match(entry.name)
             if (
                 match
                 and (match.group(2) or entry.name not in listed)
                 and (entry.is_file(follow_symlinks=False) or entry.is_symlink())
             ):
-                logger.info("amortune removed leftover checkpoint file %s", entry.path)
-                unlink_quietly(entry.path)
-
+                logger.info("amortune removed leftover checkpoint file %s", self.path / entry.name)
+                self._folder.unlink(entry.name)

@@ -19,11 +19,13 @@ _START_METHODS = ("fork", "forkserver", "spawn")
 
 
 def default_start_method() -> str:
-    """The start method amortune uses unless told otherwise.
+    """The start method for workers started once the caller has threads of its own.
 
     ``forkserver`` on Linux: safe with the caller's threads (plain ``fork`` is not, and Python 3.14
     made forkserver the default there too), and after its one-time start a worker costs ~6 ms
     against ~40 ms for ``spawn`` (measured on the 2-core reference machine). ``spawn`` elsewhere.
+    With ``Config(start_method=None)`` (the default) the first workers are forked from a
+    single-threaded caller instead (a few ms), see ``amortune.backends._start``.
     """
     return "forkserver" if sys.platform.startswith("linux") else "spawn"
 
@@ -39,7 +41,9 @@ class Config:
     max_threads:
         Upper bound on threads for I/O-bound work (``AMORTUNE_MAX_THREADS``).
     start_method:
-        ``"fork"``, ``"forkserver"`` or ``"spawn"`` (``AMORTUNE_START_METHOD``).
+        ``"fork"``, ``"forkserver"`` or ``"spawn"`` (``AMORTUNE_START_METHOD``); ``None`` forks
+        the first workers from a single-threaded caller and uses forkserver (spawn off Linux)
+        for later ones, unless ``multiprocessing.set_start_method()`` chose a method.
     sample_seconds, sample_items:
         Sampling in the caller stops at whichever budget is reached first.
     target_chunk_seconds:
@@ -61,7 +65,7 @@ class Config:
 
     max_workers: int | None = None
     max_threads: int = 64
-    start_method: str = dataclasses.field(default_factory=default_start_method)
+    start_method: str | None = None
     sample_seconds: float = 0.02
     sample_items: int = 64
     target_chunk_seconds: float = 0.05
@@ -78,7 +82,7 @@ class Config:
             raise ValueError(f"max_workers must be >= 1 or None, got {self.max_workers!r}")
         if self.max_threads < 1:
             raise ValueError(f"max_threads must be >= 1, got {self.max_threads!r}")
-        if self.start_method not in _START_METHODS:
+        if self.start_method is not None and self.start_method not in _START_METHODS:
             raise ValueError(
                 f"start_method must be one of {_START_METHODS}, got {self.start_method!r}"
             )

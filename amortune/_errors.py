@@ -2,7 +2,9 @@
 
 Owns: the public exception and warning classes, and the helpers that capture an exception in a
 worker and rebuild it in the caller with its own type, the worker's traceback as ``__cause__`` and
-the failing item's index as a note. Imports the standard library only.
+the failing item's index as a note. Imports the standard library only; the two stdlib types
+whose modules pull in multiprocessing (``BrokenProcessPool``, the Pool's ``RemoteTraceback``)
+load on first use, so a serial run never imports them.
 """
 
 from __future__ import annotations
@@ -10,8 +12,14 @@ from __future__ import annotations
 import pickle
 import signal
 import traceback
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from ._serde import add_note, note_item
+
+if TYPE_CHECKING:
+    from concurrent.futures.process import BrokenProcessPool
+
+    RemoteTraceback = Exception
 
 __all__ = [
     "AmortuneError",
@@ -21,6 +29,7 @@ __all__ = [
     "RemoteTraceback",
     "TaskTimeoutError",
     "WorkerCrashedError",
+    "add_note",
     "exit_reason",
 ]
 
@@ -52,28 +61,43 @@ class TaskTimeoutError(AmortuneError, TimeoutError):
         return (TaskTimeoutError, (str(self), self.indices))
 
 
-class WorkerCrashedError(AmortuneError, BrokenProcessPool):
-    """A worker process died while it held a chunk.
+def _crash_init(self: Any, message: str, *, exitcode: int | None = None,
+                indices: tuple[int, ...] = (), rss_bytes: int | None = None) -> None:
+    Exception.__init__(self, message)
+    self.exitcode = exitcode
+    self.indices = indices
+    self.rss_bytes = rss_bytes
 
-    ``exitcode`` is the process exit code (negative for a signal), ``indices`` the input indices of
-    the chunk that was lost, and ``rss_bytes`` the last resident memory seen for that worker.
+
+def _crash_reduce(self: Any) -> tuple[Any, ...]:
+    return (_rebuild_crash, (str(self), self.exitcode, self.indices, self.rss_bytes))
+
+
+if TYPE_CHECKING:
+    class WorkerCrashedError(AmortuneError, BrokenProcessPool):
+        """A worker process died while it held a chunk."""
+
+        exitcode: int | None
+        indices: tuple[int, ...]
+        rss_bytes: int | None
+
+        def __init__(self, message: str, *, exitcode: int | None = None,
+                     indices: tuple[int, ...] = (), rss_bytes: int | None = None) -> None: ...
+
+
+def _make_crash_class() -> type:
+    from concurrent.futures.process import BrokenProcessPool
+
+    doc = """A worker process died while it held a chunk.
+
+    ``exitcode`` is the process exit code (negative for a signal), ``indices`` the input indices
+    of the chunk that was lost, and ``rss_bytes`` the last resident memory seen for that worker.
+    It is a :class:`concurrent.futures.process.BrokenProcessPool`, so code written for the stdlib
+    executors catches it.
     """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        exitcode: int | None = None,
-        indices: tuple[int, ...] = (),
-        rss_bytes: int | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.exitcode = exitcode
-        self.indices = indices
-        self.rss_bytes = rss_bytes
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_rebuild_crash, (str(self), self.exitcode, self.indices, self.rss_bytes))
+    return type("WorkerCrashedError", (AmortuneError, BrokenProcessPool), {
+        "__doc__": doc, "__module__": __name__, "__qualname__": "WorkerCrashedError",
+        "__init__": _crash_init, "__reduce__": _crash_reduce})
 
 
 def _rebuild_crash(message: str, exitcode: int | None, indices: tuple[int, ...],
@@ -81,19 +105,32 @@ def _rebuild_crash(message: str, exitcode: int | None, indices: tuple[int, ...],
     return WorkerCrashedError(message, exitcode=exitcode, indices=indices, rss_bytes=rss_bytes)
 
 
-class RemoteTraceback(Exception):
-    """Carries the traceback text of an exception raised in a worker (used as ``__cause__``)."""
+def _remote_traceback_type() -> type[Exception]:
+    """The stdlib Pool's ``RemoteTraceback``, so code written for ``multiprocessing`` matches."""
+    import multiprocessing.pool
 
-    def __init__(self, tb: str) -> None:
-        super().__init__(tb)
-        self.tb = tb
-
-    def __str__(self) -> str:
-        return self.tb
+    cls: type[Exception] = getattr(multiprocessing.pool, "RemoteTraceback")  # noqa: B009
+    return cls
 
 
-def exit_reason(exitcode: int | None) -> str:
-    """Describe a process exit code: ``'signal SIGKILL'`` or ``'exit code 3'``."""
+def __getattr__(name: str) -> Any:
+    if name == "WorkerCrashedError":
+        value: Any = _make_crash_class()
+    elif name == "RemoteTraceback":
+        value = _remote_traceback_type()
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def exit_reason(exitcode: int | None, *, memory_hint: bool | None = None) -> str:
+    """Describe a process exit code: ``'signal SIGKILL'`` or ``'exit code 3'``.
+
+    ``memory_hint`` says whether the evidence (the worker's last RSS near the memory available,
+    the cgroup's OOM-kill count) points at the system killing it for memory; ``None`` (no
+    evidence either way) keeps the hint on SIGKILL.
+    """
     if exitcode is None:
         return "unknown exit status"
     if exitcode < 0:
@@ -101,7 +138,9 @@ def exit_reason(exitcode: int | None) -> str:
             name = signal.Signals(-exitcode).name
         except ValueError:
             name = str(-exitcode)
-        hint = " (the system may have killed it for using too much memory)" if name == "SIGKILL" else ""
+        hint = ""
+        if name == "SIGKILL" and memory_hint is not False:
+            hint = " (the system may have killed it for using too much memory)"
         return f"signal {name}{hint}"
     return f"exit code {exitcode}"
 
@@ -155,26 +194,7 @@ def rebuild(captured: tuple[bytes | None, str, str, int | None]) -> BaseExceptio
             exc = AmortuneError(summary)
     else:
         exc = AmortuneError(f"worker raised an exception that cannot be pickled: {summary}")
-    exc.__cause__ = RemoteTraceback(f'\n"""\n{tb_text}"""')
+    exc.__cause__ = _remote_traceback_type()(f'\n"""\n{tb_text}"""')
     if index is not None:
-        add_note(exc, f"amortune: raised while processing item {index}")
-        try:
-            exc.amortune_index = index  # type: ignore[attr-defined]
-        except Exception:
-            pass
+        note_item(exc, index)
     return exc
-
-
-def add_note(exc: BaseException, note: str) -> None:
-    """``exc.add_note`` on Python 3.11+, the same ``__notes__`` list on 3.10."""
-    if hasattr(exc, "add_note"):
-        exc.add_note(note)
-    else:  # pragma: no cover - Python 3.10
-        notes: Any = getattr(exc, "__notes__", None)
-        if notes is None:
-            notes = []
-            try:
-                exc.__notes__ = notes  # type: ignore[attr-defined]
-            except Exception:
-                return
-        notes.append(note)

@@ -12,7 +12,7 @@ reference machine prints them).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = [
     "Costs",
@@ -23,7 +23,9 @@ __all__ = [
     "fmt_bytes",
     "fmt_seconds",
     "predict_process_seconds",
+    "internal_threads",
     "process_chunksize",
+    "worker_item_seconds",
     "thread_chunksize",
     "predict_thread_seconds",
     "MIN_SPEEDUP",
@@ -78,6 +80,8 @@ class WorkloadProfile:
     result_memory_bytes: float = 0.0
     picklable: bool = True
     not_picklable_reason: str = ""
+    #: A one-off cost of the first call (an import, a model load), excluded from the item cost.
+    first_call_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,10 @@ class Costs:
     warm_workers: int = 0
     max_threads: int = 64
     target_chunk_seconds: float = 0.05
+    #: Caller-side seconds per chunk on the chosen backend (a Dask task costs ~1-2 ms).
+    dispatch_seconds: float = PROCESS_DISPATCH_SECONDS
+    #: Slots the backend offers (a cluster's threads); ``None``: the usable cores.
+    max_slots: int | None = None
 
 
 @dataclass(frozen=True)
@@ -107,7 +115,6 @@ class Decision:
     thread_cap: int | None
     reasons: tuple[str, ...] = ()
     warnings: tuple[str, ...] = ()
-    candidates: tuple[tuple[str, int, int, float], ...] = field(default=(), repr=False)
 
     @property
     def estimated_speedup(self) -> float:
@@ -132,10 +139,30 @@ def estimate_safe_batch_size_for(
     return max(1, int(max_memory_percent * available_memory_bytes // result_size_bytes))
 
 
-def process_chunksize(p: WorkloadProfile, n_items: int, n_jobs: int, target: float) -> int:
+def internal_threads(p: WorkloadProfile) -> float:
+    """How many cores one call keeps busy by itself (CPU time over wall time, at least 1).
+
+    A function that is multithreaded inside (BLAS, a GIL-free extension) shows more CPU time than
+    wall time; running several of them at once only divides the same cores.
+    """
+    if p.item_wall_seconds <= 0:
+        return 1.0
+    return max(1.0, p.item_cpu_seconds / p.item_wall_seconds)
+
+
+def worker_item_seconds(p: WorkloadProfile, thread_cap: int) -> float:
+    """An item's wall time in a worker whose native threads are capped at ``thread_cap``."""
+    inner = internal_threads(p)
+    if inner <= 1.05:
+        return p.item_wall_seconds
+    return p.item_cpu_seconds / max(1.0, min(inner, float(thread_cap)))
+
+
+def process_chunksize(p: WorkloadProfile, n_items: int, n_jobs: int, target: float,
+                      dispatch_seconds: float = PROCESS_DISPATCH_SECONDS) -> int:
     per_item = p.item_wall_seconds + p.pickle_in_seconds + p.pickle_out_seconds
     # No chunk shorter than one round of dispatches: the caller hands out every chunk.
-    by_time = max(1, int(max(target, n_jobs * PROCESS_DISPATCH_SECONDS) / max(per_item, 1e-9)))
+    by_time = max(1, int(max(target, n_jobs * dispatch_seconds) / max(per_item, 1e-9)))
     by_balance = max(1, math.ceil(n_items / (MIN_CHUNKS_PER_WORKER * n_jobs)))
     return max(1, min(by_time, by_balance))
 
@@ -164,8 +191,10 @@ def predict_process_seconds(
         p.pickle_in_seconds
         + unpickle * p.pickle_out_seconds
         + (p.in_bytes + p.out_bytes) / PIPE_BYTES_PER_SECOND
-    ) + chunks * PROCESS_DISPATCH_SECONDS
-    worker_item = p.item_wall_seconds + unpickle * p.pickle_in_seconds + p.pickle_out_seconds
+    ) + chunks * costs.dispatch_seconds
+    cap = max(1, max(costs.usable_cores, 1) // max(n_jobs, 1))
+    worker_item = (worker_item_seconds(p, cap) + unpickle * p.pickle_in_seconds
+                   + p.pickle_out_seconds)
     workers = n_items * worker_item / n_jobs
     cpu_item = p.item_cpu_seconds + unpickle * p.pickle_in_seconds + p.pickle_out_seconds
     # The caller competes with the workers for the same cores.
@@ -226,6 +255,7 @@ def decide(
     serial_rest = remaining * p.item_wall_seconds
     serial_total = p.sampled_wall_seconds + serial_rest
     cores = max(1, costs.usable_cores)
+    slots = max(1, costs.max_slots) if costs.max_slots is not None else cores
     budget = costs.memory_fraction * costs.available_memory_bytes
 
     batch_size = estimate_safe_batch_size_for(
@@ -251,16 +281,22 @@ def decide(
     footprint_cap = cores
     worth_it = serial_rest > PARALLEL_FLOOR_SECONDS
     if p.picklable and worth_it:
-        chunk_guess = process_chunksize(p, max(remaining, 1), cores, costs.target_chunk_seconds)
+        chunk_guess = process_chunksize(p, max(remaining, 1), slots, costs.target_chunk_seconds,
+                                        costs.dispatch_seconds)
         footprint = WORKER_BASE_BYTES + 2 * chunk_guess * (p.in_bytes + p.result_memory_bytes)
         footprint_cap = max(1, int(budget // max(footprint, 1)))
-        if footprint_cap < cores:
+        if footprint_cap < slots and costs.max_slots is None:
             reasons.append(
                 f"memory allows {footprint_cap} worker(s) of about {fmt_bytes(footprint)} each"
             )
-        for n in range(2, min(cores, footprint_cap) + 1):
-            c = process_chunksize(p, max(remaining, 1), n, costs.target_chunk_seconds)
+        top = slots if costs.max_slots is not None else min(slots, footprint_cap)
+        for n in range(2, top + 1):
+            c = process_chunksize(p, max(remaining, 1), n, costs.target_chunk_seconds,
+                                  costs.dispatch_seconds)
             candidates.append(("processes", n, c, predict_process_seconds(p, remaining, n, c, costs)))
+        if internal_threads(p) > 1.5:
+            reasons.append(f"func keeps {internal_threads(p):.1f} cores busy by itself (CPU time "
+                           "over wall time); workers share the cores with its threads")
     for n in _thread_counts(costs.max_threads, remaining, cores) if worth_it else ():
         c = thread_chunksize(p, max(remaining, 1), n)
         candidates.append(("threads", n, c, predict_thread_seconds(p, remaining, n, c)))
@@ -278,7 +314,8 @@ def decide(
             if chunksize is not None:
                 c = chunksize
             elif kind == "processes":
-                c = process_chunksize(p, max(remaining, 1), n, costs.target_chunk_seconds)
+                c = process_chunksize(p, max(remaining, 1), n, costs.target_chunk_seconds,
+                                      costs.dispatch_seconds)
             elif kind == "threads":
                 c = thread_chunksize(p, max(remaining, 1), n)
             else:
@@ -322,7 +359,6 @@ def decide(
         thread_cap=thread_cap,
         reasons=tuple(reasons),
         warnings=tuple(warnings),
-        candidates=tuple(candidates),
     )
 
 

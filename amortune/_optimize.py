@@ -1,28 +1,29 @@
 """``optimize()``: probe the machine, sample the function, ask the model, return a plan.
 
-Orchestration only; the decisions live in ``_model``. Also owns :func:`plan_run`, which
-``execute`` and ``process_in_batches`` share so the sampled results are reused, never recomputed.
+Orchestration only; the decisions live in ``_model``. Also owns :func:`plan_run`, which every
+entry point shares so the sampled results are reused, never recomputed. Planning never starts a
+process: a backend's costs come from its ``info()`` (or, for the built-in process pool, from
+start costs measured earlier in this process and the warm pool, if one is already running).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from ._config import Config
-from ._model import IO_BOUND_CPU_SHARE, Costs, decide
+from ._model import PROCESS_DISPATCH_SECONDS, Costs, decide
 from ._plan import OptimizationResult
-from ._profile import READ_AHEAD_ITEMS, Sampled, sample, unsampled
+from ._profile import Sampled, sample, unsampled
 from ._system import SystemSnapshot, probe_system
-from .backends.local import get_warm_pool, peek_warm_pool, start_cost
+from .backends import Backend, resolve_backend
+from .backends._start import choose_start, start_cost
 
-__all__ = ["optimize", "plan_run", "PlannedRun"]
-
-#: Start the warm pool during sampling when the first item predicts at least this much serial
-#: work: a cold pool costs ~0.1 s (forkserver, 2 workers, measured), which such a run recovers.
-PRESTART_SECONDS = 0.25
+__all__ = ["PlannedRun", "normalise_n_jobs", "optimize", "plan_run"]
 
 
 @dataclass
@@ -35,21 +36,48 @@ class PlannedRun:
     chunksize_pinned: bool = False
     #: Warnings about a request that could not be honoured (a fallback), as opposed to advice.
     fallbacks: tuple[str, ...] = ()
+    #: The backend the caller passed (or a registry built); ``None`` for the built-in ones.
+    backend: Backend | None = None
+    #: ``n_jobs`` the caller fixed (after normalising -1/-2), so limits hold on a bigger pool.
+    n_jobs_limit: int | None = None
+    #: The caller chose where items run (``backend=``/``executor=``): the caller then runs no
+    #: item beyond the sample, not even while workers start.
+    executor_pinned: bool = False
 
 
-def _costs(config: Config, system: SystemSnapshot) -> Costs:
-    first, per = start_cost(config.start_method)
-    warm = peek_warm_pool(config.start_method)
-    return Costs(
-        usable_cores=system.usable_cores,
-        available_memory_bytes=system.available_memory_bytes,
-        memory_fraction=config.memory_fraction,
-        process_start_seconds=first,
-        per_worker_start_seconds=per,
-        warm_workers=warm.warm_workers if warm is not None else 0,
-        max_threads=config.max_threads,
-        target_chunk_seconds=config.target_chunk_seconds,
-    )
+def normalise_n_jobs(n_jobs: int | None, cores: int) -> int | None:
+    """``None`` stays; ``-1`` is every usable core, ``-2`` all but one, and so on (as joblib)."""
+    if n_jobs is None:
+        return None
+    if not isinstance(n_jobs, int) or isinstance(n_jobs, bool) or n_jobs == 0:
+        raise ValueError(f"n_jobs must be a positive int, -1 (all cores), -2 (all but one) ... "
+                         f"or None, got {n_jobs!r}")
+    if n_jobs < 0:
+        return max(1, cores + 1 + n_jobs)
+    return n_jobs
+
+
+def _costs(config: Config, system: SystemSnapshot, backend: Backend | None) -> Costs:
+    common = dict(usable_cores=system.usable_cores,
+                  available_memory_bytes=system.available_memory_bytes,
+                  memory_fraction=config.memory_fraction, max_threads=config.max_threads,
+                  target_chunk_seconds=config.target_chunk_seconds)
+    if backend is not None:
+        info = backend.info()
+        return Costs(**common, process_start_seconds=info.start_seconds,  # type: ignore[arg-type]
+                     per_worker_start_seconds=info.per_slot_start_seconds,
+                     warm_workers=info.ready_slots, dispatch_seconds=info.dispatch_seconds,
+                     max_slots=info.n_slots)
+    warm = 0
+    if "amortune.backends._warm" in sys.modules:  # a warm pool can only exist if it was loaded
+        from .backends._warm import peek_warm_pool
+
+        pool = peek_warm_pool(config.start_method)
+        warm = pool.warm_workers if pool is not None else 0
+    first, per = start_cost(choose_start(config.start_method).first)
+    return Costs(**common, process_start_seconds=first,  # type: ignore[arg-type]
+                 per_worker_start_seconds=per, warm_workers=warm,
+                 dispatch_seconds=PROCESS_DISPATCH_SECONDS)
 
 
 def plan_run(
@@ -59,26 +87,31 @@ def plan_run(
     *,
     n_jobs: int | None = None,
     chunksize: int | None = None,
-    executor: str | None = None,
-    prestart: bool = True,
+    executor: Any = None,
+    start_index: int = 0,
 ) -> PlannedRun:
     """Sample ``func`` on ``data`` and decide how to run the rest.
 
-    With ``prestart``, CPU-bound work that looks long enough starts the warm pool while sampling.
+    ``executor`` is a backend spec (``backend=``): a built-in name, a :class:`Backend`, or an
+    object a registered backend recognises.
     """
     if not callable(func):
         raise TypeError(f"func must be callable, got {type(func).__name__}")
-    if n_jobs is not None and n_jobs < 1:
-        raise ValueError(f"n_jobs must be >= 1 or None, got {n_jobs!r}")
-    if chunksize is not None and chunksize < 1:
+    if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
         raise ValueError(f"chunksize must be >= 1 or None, got {chunksize!r}")
-    if executor not in (None, "serial", "processes", "threads"):
-        raise ValueError(f"executor must be 'serial', 'processes', 'threads' or None, got {executor!r}")
     system = probe_system(config)
+    n_jobs = normalise_n_jobs(n_jobs, system.usable_cores)
+    backend: Backend | None = None
+    pinned = executor is not None
+    if executor is not None:
+        resolved = resolve_backend(executor, n_jobs=n_jobs, config=config)
+        if isinstance(resolved, Backend):
+            backend, executor = resolved, None
+        else:
+            executor = resolved
     reasons: list[str] = []
     warnings: list[str] = []
-    if executor in (None, "processes") and _in_daemon_process():
-        # A daemonic process (an amortune or multiprocessing worker) may not have children.
+    if backend is None and executor in (None, "processes") and _in_daemon_process():
         if executor == "processes":
             warnings.append("processes are not available inside a worker process; running "
                             "serially instead")
@@ -86,17 +119,6 @@ def plan_run(
             reasons.append("running inside a worker process, which cannot start workers of its "
                            "own: nested calls stay in this process")
         executor, n_jobs = "serial", None
-
-    def start_workers_early(wall: float, cpu: float, n_total: int | None) -> None:
-        # CPU-bound work that will take a while: start the warm pool now, so the workers boot
-        # while the rest of the sample runs (a cold forkserver pool needs ~0.1 s).
-        if not prestart or executor in ("serial", "threads") or n_jobs == 1 or system.usable_cores < 2:
-            return
-        if cpu < IO_BOUND_CPU_SHARE * wall:
-            return
-        if wall * (n_total if n_total is not None else READ_AHEAD_ITEMS) >= PRESTART_SECONDS:
-            get_warm_pool(system.usable_cores, config.start_method, thread_cap=1,
-                          memory_growth_bytes=config.worker_memory_growth_bytes)
 
     planned_chunksize = chunksize
     sampled: Sampled | None = None
@@ -109,29 +131,30 @@ def plan_run(
         if (sampled := unsampled(func, data)) is not None:
             # Only a process can be stopped in the middle of an item (or survive a crash), so
             # no item runs in the caller: chunks start at one item and grow with measured times.
-            executor = "processes"
+            if backend is None:
+                executor = "processes"
             planned_chunksize = chunksize or 1
             reasons.append(f"{why}: every item runs in a worker process, none in the caller")
         else:
             warnings.append(f"{why}, but the function cannot be pickled to run in a worker "
                             "process; it runs in the caller")
     if sampled is None:
-        sampled = sample(func, data, config, on_first_item=start_workers_early)
-    if executor == "processes" and not sampled.profile.picklable:
-        warnings.append(f"cannot use processes: {sampled.profile.not_picklable_reason}; "
-                        "running serially instead")
-        executor, n_jobs = "serial", None
+        sampled = sample(func, data, config, start_index=start_index)
+    if (executor == "processes" or backend is not None) and not sampled.profile.picklable:
+        warnings.append(f"cannot use {'processes' if backend is None else backend.name}: "
+                        f"{sampled.profile.not_picklable_reason}; running serially instead")
+        executor, n_jobs, backend = "serial", None, None
     if not sampled.profile.picklable and sampled.n_remaining:
         warnings.append(
             f"func cannot run in worker processes ({sampled.profile.not_picklable_reason})")
     decision = decide(
         sampled.profile,
         sampled.n_remaining,
-        _costs(config, system),
+        _costs(config, system, backend),
         n_items_known=sampled.n_remaining_known,
         n_jobs=n_jobs,
         chunksize=planned_chunksize,
-        executor=executor,
+        executor="processes" if backend is not None else executor,
     )
     n_items = (sampled.profile.n_sampled + sampled.n_remaining
                if sampled.n_remaining_known else None)
@@ -139,24 +162,32 @@ def plan_run(
     # (sampled items, read-ahead, rest). Only one of plan.data and the run consumes ``rest``.
     chained: Iterable[Any] = data if iter(data) is not sampled.rest else itertools.chain(
         sampled.inputs, sampled.read_ahead, sampled.rest)
+    start = choose_start(config.start_method)
+    start_text = ""
+    if backend is not None:
+        start_text = backend.info().start_reason
+    elif decision.executor == "processes":
+        start_text = start.reason
     plan = OptimizationResult.from_decision(
         decision,
         sampled.profile,
         chained,
         n_items=n_items,
-        start_method=config.start_method,
+        start_method=start.first if backend is None else backend.name,
         system=system.describe(),
-        extra_reasons=tuple(reasons),
+        extra_reasons=tuple(reasons) + ((start_text,) if start_text else ()),
         extra_warnings=tuple(warnings),
     )
+    if backend is not None and plan.executor != "serial":
+        plan = dataclasses.replace(plan, executor=backend.name)
     return PlannedRun(plan, sampled, system, chunksize_pinned=chunksize is not None,
-                      fallbacks=tuple(warnings))
+                      fallbacks=tuple(warnings), backend=backend, n_jobs_limit=n_jobs,
+                      executor_pinned=pinned)
 
 
 def _in_daemon_process() -> bool:
-    import multiprocessing
-
-    return bool(multiprocessing.current_process().daemon)
+    mp = sys.modules.get("multiprocessing")
+    return bool(mp is not None and mp.current_process().daemon)
 
 
 def optimize(
@@ -166,6 +197,7 @@ def optimize(
     sample_size: int | None = None,
     n_jobs: int | None = None,
     executor: str | None = None,
+    backend: Any = None,
     max_memory_percent: float | None = None,
     config: Config | None = None,
     profile: bool = False,
@@ -174,9 +206,9 @@ def optimize(
 
     Returns an :class:`OptimizationResult` with ``n_jobs``, ``chunksize``, ``batch_size``,
     ``executor``, ``estimated_speedup``, ``reasons`` and ``warnings``; its ``data`` is the input
-    with the sampled items chained back, so a generator is not lost. ``profile`` is accepted for
-    code written against the batch-processing document; the plan always carries its measurements
-    (``plan.profile``, ``plan.explain()``).
+    with the sampled items chained back, so a generator is not lost. Pass the plan to
+    ``execute(func, plan.data, plan=plan)`` to run it without sampling again. ``profile=True``
+    prints the plan (``plan.explain()``) as well.
 
     Examples
     --------
@@ -189,4 +221,8 @@ def optimize(
     """
     cfg = (config or Config.from_env()).replace(
         sample_items=sample_size, memory_fraction=max_memory_percent)
-    return plan_run(func, data, cfg, n_jobs=n_jobs, executor=executor, prestart=False).plan
+    run = plan_run(func, data, cfg, n_jobs=n_jobs, executor=backend or executor)
+    object.__setattr__(run.plan, "_run", run)  # execute(plan=...) reuses the sampled results
+    if profile:
+        print(run.plan.explain())
+    return run.plan

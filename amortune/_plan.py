@@ -81,16 +81,23 @@ class OptimizationResult:
         """A readable report: the decision, the predicted speedup, the measurements, the reasons."""
         p = self.profile
         items = "unknown" if self.n_items is None else str(self.n_items)
+        # A serial plan runs in the caller: it has no chunks, and sampling does not pickle
+        # anything when the work is too small for workers to matter.
+        chunks = f", chunksize={self.chunksize}" if self.parallel else ""
+        if p.in_bytes or p.out_bytes:
+            pickled = f"pickled in {fmt_bytes(p.in_bytes)}, out {fmt_bytes(p.out_bytes)}"
+        else:
+            pickled = "pickled sizes not measured" + (" (serial plan)" if not self.parallel
+                                                       else "")
         lines = [
-            f"amortune plan: {self.executor}, n_jobs={self.n_jobs}, chunksize={self.chunksize}, "
+            f"amortune plan: {self.executor}, n_jobs={self.n_jobs}{chunks}, "
             f"batch_size={self.batch_size}",
             f"  predicted: {fmt_seconds(self.predicted_seconds)} vs "
             f"{fmt_seconds(self.predicted_serial_seconds)} serial "
             f"(speedup {self.estimated_speedup:.2f}x)",
             f"  measured on {p.n_sampled} item(s) of {items}: {fmt_seconds(p.item_wall_seconds)} "
             f"wall, {fmt_seconds(p.item_cpu_seconds)} CPU per item (cv {p.item_wall_cv:.2f}); "
-            f"pickled in {fmt_bytes(p.in_bytes)}, out {fmt_bytes(p.out_bytes)}; "
-            f"result memory {fmt_bytes(p.result_memory_bytes)}",
+            f"{pickled}; result memory {fmt_bytes(p.result_memory_bytes)}",
         ]
         if self.system:
             lines.append(f"  machine: {self.system}")

@@ -2,46 +2,45 @@
 
 Data flow::
 
-    map / starmap ──▶ sample the first items in the caller (plan_run; results kept, never rerun)
-         │             └─ skipped when chunksize is given or an initializer sets worker state
-         └────────────▶ run_chunks on the pool's ProcessBackend ──▶ ordered result lists ──▶ list
-    imap           ──▶ the same, lazily in the consumer's thread (a few items sampled, bounded
-                       chunks in flight, so an endless generator works)
-    imap_unordered ──▶ _unordered(): backend.submit + wait(FIRST_COMPLETED), bounded window
+    map / starmap  ──▶ Scheduler on the pool's ProcessBackend, every item in a worker; chunks
+                       start at one item and follow their measured times (chunksize=None), and
+                       every item runs before the first error is raised (fail_fast=False)
+    imap           ──▶ the same, lazily in the consumer's thread (bounded chunks in flight, so
+                       an endless generator works)
+    imap_unordered ──▶ the same Scheduler with ordered=False
     map_async      ──▶ one driver thread per call runs the same stream ──▶ AsyncResult
-    apply_async    ──▶ backend.submit(mode="apply") ──▶ future done-callback ──▶ AsyncResult
+    apply_async    ──▶ backend.submit(ChunkTask(style="apply")) ──▶ done-callback ──▶ AsyncResult
 
 Each pool owns a private ProcessBackend (initializer and maxtasksperchild are per pool) started at
 construction and stopped by close()+join(), terminate(), the context manager or a finalizer. A
 dead worker fails its chunk with WorkerCrashedError instead of hanging the caller; the user's
-exceptions come back with their own type. Imports the engine (``_schedule``, ``backends``,
-``_optimize``) and ``_progress.Progress``; nothing imports this module but ``__init__``.
+exceptions come back with their own type, the worker's traceback as a
+``multiprocessing.pool.RemoteTraceback`` ``__cause__``. Imports the engine (``_schedule``,
+``backends``) and ``_progress.Progress``; nothing imports this module but ``__init__``.
 """
 
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import operator
 import threading
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from concurrent.futures import FIRST_COMPLETED, CancelledError, Future, wait
+from concurrent.futures import CancelledError, Future
 from multiprocessing import TimeoutError as MPTimeoutError
 from typing import Any, Generic, TypeVar
 
 from ._config import Config
 from ._errors import NotPicklableError
-from ._model import PROCESS_DISPATCH_SECONDS, process_chunksize
-from ._optimize import plan_run
+from ._model import PROCESS_DISPATCH_SECONDS
 from ._profile import count_items
 from ._progress import Progress
-from ._schedule import ChunkPolicy, FixedChunkPolicy, run_chunks
+from ._schedule import ChunkPolicy, FixedChunkPolicy, Scheduler
 from ._system import probe_system
-from .backends._base import ChunkOutcome, FunctionRef
-from .backends.local import ProcessBackend
+from .backends._base import ChunkOutcome, ChunkTask, FunctionRef, WorkerSetup
+from .backends.processes import ProcessBackend
 
 __all__ = ["AsyncResult", "Pool"]
 
@@ -49,9 +48,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 log = logging.getLogger("amortune")
 _RUN, _CLOSE, _TERMINATE = "RUN", "CLOSE", "TERMINATE"
-#: imap samples at most this many items in the caller: enough for a per-item time, and few
-#: enough that an endless generator is barely touched before the first result.
-IMAP_SAMPLE_ITEMS = 8
 _INDEX_NOTE = "amortune: raised while processing item"
 
 
@@ -106,26 +102,17 @@ class AsyncResult(Generic[R]):
             self._pool = self._callback = self._error_callback = None
 
 
-class _Star:
-    """``func(*args)`` as a one-argument function, so starmap is sampled like map."""
-
-    def __init__(self, func: Callable[..., Any]) -> None:
-        self.func = func
-
-    def __call__(self, args: Iterable[Any]) -> Any:
-        return self.func(*args)
-
-
 class Pool:
     """A process pool with the API of :class:`multiprocessing.pool.Pool`, tuned by measurement.
 
-    ``chunksize=None`` (the default everywhere) means tuned: ``map``, ``starmap`` and the
-    ``imap`` calls run the first items in the calling process to time the function (those
-    results are kept, so no item runs twice), the ``*_async`` calls start with one-item chunks,
-    and chunk sizes then follow measured chunk times. An explicit ``chunksize`` is honoured
-    exactly. With an ``initializer`` nothing runs in the caller, since the function
-    may rely on the state it sets. Functions travel with cloudpickle, so lambdas and closures
-    work. A worker that dies raises :class:`~amortune.WorkerCrashedError` instead of hanging.
+    Every item runs in a worker process, as with the stdlib. ``chunksize=None`` (the default
+    everywhere) means tuned: chunks start at one item and follow the measured times of the
+    first chunks in the workers. An explicit ``chunksize`` is honoured exactly. ``map`` runs
+    every item and raises the first error in input order once all have finished. Functions
+    importable by name travel by reference (tracebacks show their real source lines);
+    ``__main__`` functions, lambdas and closures by value, and so do results plain pickle
+    refuses (a lambda result comes back, where the stdlib would fail). A worker that dies raises
+    :class:`~amortune.WorkerCrashedError` instead of hanging.
 
     Parameters
     ----------
@@ -163,11 +150,10 @@ class Pool:
         cores = probe_system(cfg).usable_cores
         self._processes = processes or cores
         self._config = cfg
-        self._sample_in_caller = initializer is None
         self._backend = ProcessBackend(
             self._processes, start_method=cfg.start_method,
-            thread_cap=max(1, cores // self._processes), initializer=initializer,
-            initargs=tuple(initargs), max_tasks_per_child=maxtasksperchild,
+            setup=WorkerSetup(initializer, tuple(initargs), max(1, cores // self._processes)),
+            max_tasks_per_child=maxtasksperchild,
             memory_growth_bytes=cfg.worker_memory_growth_bytes)
         # Holds no reference to the pool: an unclosed pool is terminated when collected or at exit.
         self._finalizer = weakref.finalize(self, self._backend.shutdown, wait=True, kill=True)
@@ -179,6 +165,7 @@ class Pool:
     def apply(self, func: Callable[..., R], args: Iterable[Any] = (),
               kwds: Mapping[str, Any] | None = None) -> R:
         """``func(*args, **kwds)`` in a worker; waits for the result."""
+        self._check_not_in_callback("apply")
         return self.apply_async(func, args, kwds).get()
 
     def apply_async(self, func: Callable[..., R], args: Iterable[Any] = (),
@@ -190,8 +177,8 @@ class Pool:
         self._check_running()
         result: AsyncResult[R] = AsyncResult(self, callback, error_callback)
         try:
-            fut = self._backend.submit(_function_ref(func), [(tuple(args), dict(kwds or {}))], 0,
-                                       mode="apply")
+            fut = self._backend.submit(ChunkTask(_function_ref(func),
+                                                 [(tuple(args), dict(kwds or {}))], 0, "apply"))
         except Exception as exc:
             result._set(False, exc)
             return result
@@ -204,7 +191,7 @@ class Pool:
 
         ``progress=True`` (or a tqdm instance) shows a progress bar.
         """
-        return self._map(func, iterable, chunksize, "map", progress)
+        return self._map(func, iterable, chunksize, "item", progress)
 
     def starmap(self, func: Callable[..., R], iterable: Iterable[Iterable[Any]],
                 chunksize: int | None = None) -> list[R]:
@@ -216,7 +203,7 @@ class Pool:
                   error_callback: Callable[[BaseException], object] | None = None,
                   ) -> AsyncResult[list[R]]:
         """:meth:`map` without waiting: returns an :class:`AsyncResult` of the list."""
-        return self._map_async(func, iterable, chunksize, "map", callback, error_callback)
+        return self._map_async(func, iterable, chunksize, "item", callback, error_callback)
 
     def starmap_async(self, func: Callable[..., R], iterable: Iterable[Iterable[Any]],
                       chunksize: int | None = None,
@@ -276,11 +263,19 @@ class Pool:
     def __del__(self, _warn: Any = warnings.warn) -> None:
         if getattr(self, "_state", None) == _RUN:
             try:
-                _warn(f"unclosed running amortune pool {self!r}", ResourceWarning, source=self)
+                _warn(f"unclosed running multiprocessing pool {self!r}", ResourceWarning,
+                      source=self)
             except Exception:  # pragma: no cover - interpreter shutdown
                 pass
 
     # -- internals -------------------------------------------------------------------------
+    def _check_not_in_callback(self, what: str) -> None:
+        if threading.current_thread() is self._backend._mgr.thread:
+            raise RuntimeError(
+                f"Pool.{what}() was called from a callback of this pool: callbacks run in the "
+                "thread that delivers results, so waiting there for a result can never finish; "
+                "use the *_async form in a callback, or wait outside it")
+
     def _check_running(self) -> None:
         if self._state != _RUN:
             raise ValueError("Pool not running")
@@ -295,9 +290,10 @@ class Pool:
     def _map(self, func: Callable[..., Any], iterable: Iterable[Any], chunksize: int | None,
              mode: str, progress: Any) -> list[Any]:
         self._check_running()
+        self._check_not_in_callback("map" if mode == "item" else "starmap")
         fn, size = _function_ref(func), _check_chunksize(chunksize)
         out: list[Any] = []
-        for part in self._stream(fn, iterable, size, mode, progress, sample=None):
+        for part in self._stream(fn, iterable, size, mode, progress, fail_fast=False):
             out.extend(part)
         return out
 
@@ -328,7 +324,7 @@ class Pool:
                chunksize: int | None, mode: str) -> None:
         try:
             out: list[Any] = []
-            for part in self._stream(fn, items, chunksize, mode, False, sample=0):
+            for part in self._stream(fn, items, chunksize, mode, False, fail_fast=False):
                 out.extend(part)
         except BaseException as exc:
             result._set(False, exc)
@@ -343,94 +339,35 @@ class Pool:
                       ) -> Iterator[list[Any]]:
         self._check_running()
         fn, size = _function_ref(func), _check_chunksize(chunksize)
-        return self._stream(fn, iterable, size, "map", progress, sample=IMAP_SAMPLE_ITEMS,
-                            ordered=ordered)
+        return self._stream(fn, iterable, size, "item", progress, ordered=ordered)
 
     def _stream(self, fn: FunctionRef, iterable: Iterable[Any], chunksize: int | None,
-                mode: str, progress: Any, *, sample: int | None, ordered: bool = True,
+                mode: str, progress: Any, *, ordered: bool = True, fail_fast: bool = True,
                 ) -> Iterator[list[Any]]:
-        """Yield result lists: sampled results first, then chunks run on the backend.
+        """Yield result lists from the pool's workers; every item runs in a worker process.
 
-        ``sample`` is ``None`` to sample ``iterable`` as ``execute`` does, ``k`` to sample at
-        most ``k`` items, ``0`` to sample nothing.
+        ``chunksize=None`` starts from one-item chunks and follows the chunks' measured times
+        in the workers (no item runs in the caller, as with ``multiprocessing.Pool``).
         """
         total = count_items(iterable)
-        first, items, remaining, policy = self._prepare(fn, iterable, total, chunksize, mode, sample)
+        n, target = self._processes, self._config.target_chunk_seconds
+        policy: ChunkPolicy
+        if chunksize is not None:
+            policy = FixedChunkPolicy(chunksize, n, target)
+        else:
+            policy = ChunkPolicy(1, n, target, dispatch_seconds=PROCESS_DISPATCH_SECONDS)
         prog = None
         if progress is not None and progress is not False:
-            prog = Progress(progress, None, total, initial=len(first))
+            prog = Progress(progress, None, total)
         try:
-            if first:
-                yield first
-            run = run_chunks if ordered else self._unordered
-            yield from run(self._backend, fn, items, start_index=len(first), policy=policy,
-                           n_remaining=remaining, mode=mode,
-                           on_progress=None if prog is None else prog.update)
+            sched = Scheduler(self._backend, fn, policy=policy, style=mode,
+                              setup=self._backend.setup, ordered=ordered, fail_fast=fail_fast,
+                              input_error_keeps_chunk=chunksize is None,
+                              on_progress=None if prog is None else prog.update)
+            yield from sched.run(iter(iterable), start_index=0, n_remaining=total)
         finally:
             if prog is not None:
                 prog.close()
-
-    def _prepare(self, fn: FunctionRef, iterable: Iterable[Any], total: int | None,
-                 chunksize: int | None, mode: str, sample: int | None,
-                 ) -> tuple[list[Any], Iterator[Any], int | None, ChunkPolicy]:
-        """Sample in the caller if allowed: (results so far, the rest, how many left, policy)."""
-        n, target = self._processes, self._config.target_chunk_seconds
-        if chunksize is not None:
-            return [], iter(iterable), total, FixedChunkPolicy(chunksize, n, target)
-        if not self._sample_in_caller or sample == 0:
-            # Chunks start at one item and grow with measured chunk times (ChunkPolicy).
-            return [], iter(iterable), total, ChunkPolicy(
-                1, n, target, dispatch_seconds=PROCESS_DISPATCH_SECONDS)
-        items = iter(iterable)
-        head = iterable if sample is None else list(itertools.islice(items, sample))
-        cfg = self._config.replace(sample_items=min(sample or (1 << 30), self._config.sample_items))
-        call = _Star(fn.func) if mode == "star" else fn.func
-        got = plan_run(call, head, cfg, n_jobs=n, executor="processes").sampled
-        if sample is not None:
-            items = itertools.chain(got.remaining_items(), items)
-        else:
-            items = got.remaining_items()
-        remaining = None if total is None else total - len(got.results)
-        if sample is None and got.n_remaining_known:
-            remaining = got.n_remaining
-        if remaining is not None and remaining * got.profile.item_wall_seconds <= target:
-            # Less than one target chunk of work left: dispatch, not balance, is the cost.
-            return got.results, items, remaining, FixedChunkPolicy(max(1, -(-remaining // n)), n,
-                                                                target)
-        initial = process_chunksize(got.profile, remaining or 1 << 40, n, target)
-        return got.results, items, remaining, ChunkPolicy(
-            initial, n, target, dispatch_seconds=PROCESS_DISPATCH_SECONDS)
-
-    def _unordered(self, backend: ProcessBackend, fn: FunctionRef, items: Iterator[Any], *,
-                   start_index: int, policy: ChunkPolicy, n_remaining: int | None, mode: str,
-                   on_progress: Callable[[int], None] | None) -> Iterator[list[Any]]:
-        """Yield chunk results in completion order, with at most ``2n + 2`` chunks in flight."""
-        futures: dict[Future[ChunkOutcome], int] = {}
-        limit, start, remaining, exhausted = 2 * self._processes + 2, start_index, n_remaining, False
-        try:
-            while True:
-                while not exhausted and len(futures) < limit:
-                    batch = list(itertools.islice(items, policy.next_size(remaining)))
-                    if not batch:
-                        exhausted = True
-                        break
-                    futures[backend.submit(fn, batch, start, mode=mode)] = len(batch)
-                    start += len(batch)
-                    if remaining is not None:
-                        remaining = max(0, remaining - len(batch))
-                if not futures:
-                    return
-                done, _ = wait(list(futures), return_when=FIRST_COMPLETED)
-                for fut in done:
-                    count = futures.pop(fut)
-                    outcome = fut.result()
-                    policy.observe(count, outcome.wall_seconds)
-                    if on_progress is not None:
-                        on_progress(count)
-                    yield outcome.results
-        finally:
-            for fut in futures:
-                fut.cancel()
 
 
 def _flatten(parts: Iterator[list[Any]]) -> Iterator[Any]:
@@ -468,7 +405,14 @@ def _complete_apply(result: AsyncResult[Any], fut: Future[ChunkOutcome]) -> None
             raise CancelledError("the pool was terminated")
         exc = fut.exception()
         if exc is None:
-            value = fut.result().results[0]
+            outcome = fut.result()
+            if outcome.error is not None:
+                exc = outcome.error
+                notes = getattr(exc, "__notes__", None)
+                if isinstance(notes, list):  # "item 0" means nothing for apply
+                    notes[:] = [n for n in notes if not n.startswith(_INDEX_NOTE)]
+            else:
+                value = outcome.results[0]
         else:
             notes = getattr(exc, "__notes__", None)
             if isinstance(notes, list):  # "item 0" means nothing for apply

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._config import Config
-from ._errors import add_note
 from ._model import PARALLEL_FLOOR_SECONDS, WorkloadProfile
+from ._serde import note_item
 
 __all__ = ["Sampled", "count_items", "result_nbytes", "sample", "unsampled"]
 
@@ -34,6 +34,12 @@ ROBUST_MIN_ITEMS = 5
 #: this many bytes were pickled (one 1 MiB array is a precise enough probe; four cost ~1.5 ms).
 PICKLE_PROBES = 4
 PICKLE_PROBE_BYTES = 1 << 20
+#: A first item this many times slower than the median of the others paid a one-off (an import
+#: or a model load), which is neither the item cost nor a reason to start workers.
+FIRST_CALL_FACTOR = 5.0
+#: A first item slower than this is taken as a slow item, not a one-off: sampling more items in
+#: the caller would keep them from running in parallel.
+FIRST_CALL_MAX_SECONDS = 1.0
 #: In-band pickling of a large buffer is a copy into a new bytes object: pickle.dumps of a
 #: 1 MiB float64 array takes ~0.64 ms (1.6 GB/s) on the reference machine.
 MEMCPY_BYTES_PER_SECOND = 1.6e9
@@ -135,6 +141,7 @@ def sample(
     clock: Callable[[], float] = time.perf_counter,
     cpu_clock: Callable[[], float] = time.process_time,
     runqueue_clock: Callable[[], float] | None = None,
+    start_index: int = 0,
 ) -> Sampled:
     """Run ``func`` on the first items of ``data`` and measure it.
 
@@ -160,7 +167,14 @@ def sample(
     start = clock()
     deadline = start + config.sample_seconds
     limit = config.sample_items
-    for item in it:
+    while True:
+        try:
+            item = next(it)
+        except StopIteration:
+            break
+        except Exception as exc:  # the input itself failed: say so, with the item it was reading
+            note_item(exc, start_index + len(results), by_input=True)
+            raise
         attempt = 0
         while True:
             c0 = cpu_clock()
@@ -168,20 +182,32 @@ def sample(
             try:
                 r = func(item)
                 break
+            except StopIteration as stop:
+                err = RuntimeError("func raised StopIteration; amortune treats it as an error, "
+                                   "not as the end of the input")
+                err.__cause__ = stop
+                note_item(err, start_index + len(results))
+                raise err from stop
             except BaseException as exc:
                 if config.retry_on and isinstance(exc, config.retry_on) and attempt < config.retries:
                     attempt += 1  # a transient failure: the same backoff as chunks get
                     time.sleep(config.retry_backoff_seconds * 2 ** (attempt - 1))
                     continue
-                add_note(exc, f"amortune: raised while processing item {len(results)}")
+                note_item(exc, start_index + len(results))
                 raise
         t1 = clock()
         cpus.append(cpu_clock() - c0)
         results.append(r)
         inputs.append(item)
         walls.append(t1 - t0)
-        if on_first_item is not None and len(results) == 1:
-            on_first_item(t1 - t0, cpu_clock() - cpu_start, n_total)
+        if len(results) == 1:
+            # The first call often pays a one-off (an import, a cache fill, a model load): when
+            # it took most of the budget, give the sample room for a few items after it, so the
+            # one-off can be told apart from the item cost.
+            if config.sample_seconds / 2 < t1 - start < FIRST_CALL_MAX_SECONDS:
+                deadline = max(deadline, t1 + config.sample_seconds)
+            if on_first_item is not None:
+                on_first_item(t1 - t0, cpu_clock() - cpu_start, n_total)
         if len(results) >= limit or t1 >= deadline:
             break
     sampled_wall = clock() - start
@@ -197,8 +223,16 @@ def sample(
         known = len(read_ahead) < limit
         n_remaining = len(read_ahead)
 
-    mean_wall = sampled_wall / n if n else 0.0
-    mean_cpu = sampled_cpu / n if n else 0.0
+    one_off = 0.0
+    if n >= 3:
+        rest_median = statistics.median(walls[1:])
+        if walls[0] > FIRST_CALL_FACTOR * rest_median and walls[0] - rest_median > 1e-3:
+            one_off = walls[0] - rest_median
+    mean_wall = (sampled_wall - one_off) / n if n else 0.0
+    mean_cpu = max(0.0, sampled_cpu - min(one_off, cpus[0] if cpus else 0.0)) / n if n else 0.0
+    if one_off:
+        walls = [rest_median, *walls[1:]]
+        cpus = [min(cpus[0], rest_median), *cpus[1:]]
     cv = 0.0
     if n > 1 and mean_wall > 0:
         mean_each = statistics.fmean(walls)
@@ -244,6 +278,7 @@ def sample(
         result_memory_bytes=max(mem, out_b),
         picklable=picklable,
         not_picklable_reason=why,
+        first_call_seconds=one_off,
     )
     return Sampled(profile, results, inputs, read_ahead, it, n_remaining, known, func_bytes)
 

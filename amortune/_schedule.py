@@ -1,14 +1,20 @@
-"""The chunk scheduler: one engine under every entry point.
+"""The scheduler: one engine under every entry point and every backend.
 
 Data flow::
 
-    items ──▶ cut into chunks (ChunkPolicy: size from measured chunk times, shrinking at the end)
-          ──▶ backend.submit() with a bounded number of unyielded chunks and items in flight
-          ──▶ outcomes reassembled in input order ──▶ yielded as lists of results
-                └─ lost chunks (crash, timeout) and transient errors are resubmitted up to `retries`
+    items ──fill──▶ chunks cut by the ChunkPolicy ──backend.submit()──▶ futures
+      ▲                bounded: unfinished chunks, unyielded items, reorder window
+      │        wait ◀── outcomes (results, or results before a failing item + its error)
+      │          └──▶ retry: a lost chunk again, a failing item alone (after a backoff)
+      └─ refill ◀── yield: result lists in input order (or completion order, ordered=False)
 
-:class:`ChunkPolicy` and :func:`simulate` are pure (no clock, no processes), so the scheduling
-decisions can be driven by virtual workers on a virtual clock for any number of workers.
+Phases are methods of :class:`Scheduler`: :meth:`~Scheduler._fill`, :meth:`~Scheduler._yield_ready`,
+:meth:`~Scheduler._wait`, :meth:`~Scheduler._on_outcome` / :meth:`~Scheduler._on_failure`. An
+error raised by the input itself is an event (:attr:`Scheduler.input_error`) placed at its index,
+so it is raised in input order like an item's error. Clock, sleep and wait are arguments, so a
+virtual clock can drive the real scheduler (:mod:`amortune._simulate`). The first error in input
+order raises once every earlier result is yielded; when the call ends (returned, raised, closed)
+every chunk not yet started is cancelled where it runs, and nothing new starts.
 """
 
 from __future__ import annotations
@@ -16,307 +22,462 @@ from __future__ import annotations
 import collections
 import heapq
 import itertools
-import math
+import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
-from dataclasses import dataclass
+from collections.abc import Callable, Generator, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as futures_wait
 from typing import Any
 
-from ._errors import TaskTimeoutError, WorkerCrashedError, add_note, describe_indices
-from .backends._base import Backend, ChunkOutcome, FunctionRef
+from ._policy import ChunkPolicy, FixedChunkPolicy
+from ._serde import add_note, note_item
+from ._stats import ChunkEvent, RunStats
+from .backends._base import Backend, ChunkOutcome, ChunkTask, FunctionRef, WorkerSetup
 
-__all__ = ["ChunkPolicy", "FixedChunkPolicy", "RunStats", "run_chunks", "simulate"]
+__all__ = ["ChunkPolicy", "FixedChunkPolicy", "RunStats", "Scheduler"]
 
-#: Weight of the newest chunk in the smoothed per-item time (an EMA, as tqdm smooths its rate).
-EMA_ALPHA = 0.3
-#: A chunk's size changes by at most this factor from one chunk to the next, so a few fast early
-#: items cannot inflate chunks before slow ones arrive.
-MAX_STEP = 2.0
-#: Near the end a chunk holds at most remaining / (TAIL_FACTOR * workers) items (guided
-#: self-scheduling), so the last chunks are small and no worker straggles on a big one.
-TAIL_FACTOR = 2
 #: Without a memory budget, the reorder window holds at most this many times the unfinished-chunk
 #: bound (a chunk-count cap alone stalls every worker behind one slow head chunk).
 REORDER_CHUNKS_PER_SLOT = 16
-#: Base delay before re-running a chunk that failed with a ``retry_on`` exception; doubles per try.
+#: Base delay before re-running an item that failed with a ``retry_on`` exception; doubles per try.
 RETRY_BACKOFF_SECONDS = 0.05
-
-
-class ChunkPolicy:
-    """Chunk sizes that follow measured chunk durations; pure and deterministic.
-
-    One caller dispatches every chunk (``dispatch_seconds`` each), so chunks shorter than one
-    round of dispatches (``n_workers * dispatch_seconds``) only make workers wait for the caller:
-    that is the floor of both the target and the tail's shrinking, and the floor never exceeds
-    ``MAX_STEP`` times the largest chunk measured so far (its item time may be stale when costs
-    grow along the input).
-    """
-
-    def __init__(self, initial: int, n_workers: int, target_chunk_seconds: float,
-                 *, max_size: int | None = None, dispatch_seconds: float = 0.0) -> None:
-        self.size = max(1, initial)
-        self.n_workers = max(1, n_workers)
-        self.min_seconds = self.n_workers * max(dispatch_seconds, 0.0)
-        self.target = max(target_chunk_seconds, self.min_seconds)
-        self.max_size = max_size
-        self.item_seconds: float | None = None
-        self.largest = 0
-
-    def observe(self, n_items: int, seconds: float) -> None:
-        """Feed back how long a chunk of ``n_items`` took to run."""
-        if n_items <= 0:
-            return
-        self.largest = max(self.largest, n_items)
-        per = max(seconds, 0.0) / n_items
-        self.item_seconds = per if self.item_seconds is None else (
-            EMA_ALPHA * per + (1 - EMA_ALPHA) * self.item_seconds)
-        ideal = self.target / max(self.item_seconds, 1e-12)
-        lo = max(1, min(self.size - 1, math.ceil(self.size / MAX_STEP)))
-        hi = max(self.size + 1, int(self.size * MAX_STEP))
-        self.size = max(1, min(max(int(ideal), lo), hi))
-        if self.max_size is not None:
-            self.size = min(self.size, self.max_size)
-
-    def next_size(self, remaining: int | None) -> int:
-        """Size of the next chunk given how many items are left (``None``: unknown)."""
-        size = self.size
-        if remaining is not None:
-            tail = math.ceil(remaining / (TAIL_FACTOR * self.n_workers))
-            if self.item_seconds and self.min_seconds:
-                floor = math.ceil(self.min_seconds / max(self.item_seconds, 1e-12))
-                tail = max(tail, min(floor, int(MAX_STEP * self.largest)))
-            size = min(size, tail, remaining)
-        return max(1, size)
-
-
-class FixedChunkPolicy(ChunkPolicy):
-    """A chunk size the caller pinned, honoured exactly (as ``multiprocessing.Pool`` does)."""
-
-    def observe(self, n_items: int, seconds: float) -> None:
-        pass
-
-    def next_size(self, remaining: int | None) -> int:
-        return self.size if remaining is None else max(1, min(self.size, remaining))
-
-
-@dataclass
-class RunStats:
-    """What the scheduler saw: chunks run, retries, worker seconds (for reports and tests)."""
-
-    chunks: int = 0
-    retries: int = 0
-    items: int = 0
-    worker_seconds: float = 0.0
-    max_rss_bytes: int = 0
+#: When a call ends, chunks still running get this long to stop at an item boundary before
+#: their workers are killed (so nothing of the call runs after it returned or raised).
+STOP_GRACE_SECONDS = 1.0
 
 
 class _Chunk:
-    __slots__ = ("start", "items", "attempts", "outcome", "error")
+    __slots__ = ("start", "items", "attempts", "results", "error", "submitted", "helper")
 
-    def __init__(self, start: int, items: list[Any]) -> None:
-        self.start, self.items, self.attempts = start, items, 0
-        self.outcome: ChunkOutcome | None = None
+    def __init__(self, start: int, items: list[Any], attempts: int = 0) -> None:
+        self.start, self.items, self.attempts = start, items, attempts
+        self.results: list[Any] | None = None
         self.error: BaseException | None = None
+        self.submitted = 0.0
+        self.helper = False
+
+    @property
+    def settled(self) -> bool:
+        return self.results is not None or self.error is not None
 
     @property
     def indices(self) -> tuple[int, ...]:
         return tuple(range(self.start, self.start + len(self.items)))
 
 
-def _note_once(exc: BaseException, note: str) -> None:
-    # A broken backend fails every chunk with one shared exception: do not stack copies.
-    if note not in getattr(exc, "__notes__", ()):
-        add_note(exc, note)
+#: ``on_outcome(scheduler, n_items, seconds)`` after each finished chunk (plan corrections).
+OutcomeHook = Callable[["Scheduler", int, float], None]
 
 
-def run_chunks(
-    backend: Backend,
-    fn: FunctionRef,
-    items: Iterator[Any],
-    *,
-    start_index: int,
-    policy: ChunkPolicy,
-    n_remaining: int | None,
-    mode: str = "map",
-    retries: int = 0,
-    retry_on: tuple[type[BaseException], ...] = (),
-    retry_backoff_seconds: float = RETRY_BACKOFF_SECONDS,
-    timeout_seconds: float | None = None,
-    max_chunks_in_flight: int | None = None,
-    max_items_in_flight: int | None = None,
-    on_progress: Callable[[int], None] | None = None,
-    stats: RunStats | None = None,
-) -> Generator[list[Any], None, None]:
-    """Run ``fn`` over ``items`` on ``backend``; yield result lists in input order.
+class Scheduler:
+    """Run ``fn`` over an item stream on ``backend``; see the module docstring.
 
-    At most ``max_chunks_in_flight`` chunks (default ``2 * capacity + 1``) are unfinished, which
-    keeps every worker fed. Finished results wait for earlier chunks in a reorder window bounded
-    by ``max_items_in_flight`` items (the memory budget), or by ``REORDER_CHUNKS_PER_SLOT`` times
-    the chunk bound when no budget is given, so memory stays bounded for an endless input while
-    one slow chunk at the head does not stall the workers behind it. The first failing item (in
-    input order) raises once every earlier item has been yielded.
+    Parameters
+    ----------
+    policy:
+        Chunk sizes (a :class:`ChunkPolicy`, or :class:`FixedChunkPolicy` for a pinned size).
+    style:
+        ``"item"``, ``"star"``, ``"chunk"`` or ``"apply"`` (see :mod:`amortune.backends`).
+    retries, retry_on, retry_backoff_seconds:
+        A lost chunk (``backend.is_lost``) runs again, and an item failing with a ``retry_on``
+        type runs again alone after a doubling backoff, up to ``retries`` times each.
+    max_chunks_in_flight, max_items_in_flight:
+        Bounds on unfinished chunks (default ``2 * slots + 1``) and on unyielded items.
+    helper:
+        An in-caller backend that runs chunks while ``backend`` has no worker ready yet.
+    fail_fast:
+        ``False`` runs every item and raises the first error in input order only at the end
+        (``multiprocessing.Pool.map``); by default nothing new starts after an error.
+    input_error_keeps_chunk:
+        ``False`` makes an error raised by the input take the place of the whole chunk being
+        read (``Pool.imap`` with a chunksize); by default the items read before it still run.
+    wait:
+        ``wait(futures, timeout=..., return_when=...)`` for a virtual clock; by default the
+        scheduler sleeps until a future's done-callback wakes it (no cost per future in flight).
     """
-    stats = stats if stats is not None else RunStats()
-    max_chunks = max_chunks_in_flight or 2 * backend.capacity() + 1
-    max_items = max_items_in_flight or (1 << 62)
-    max_window = (1 << 62) if max_items_in_flight else REORDER_CHUNKS_PER_SLOT * max_chunks
-    window: dict[int, _Chunk] = {}
-    futures: dict[Future[ChunkOutcome], _Chunk] = {}
-    delayed: list[tuple[float, int, _Chunk]] = []
-    order = itertools.count()
-    next_start = start_index
-    next_yield = start_index
-    unyielded_items = 0
-    remaining = n_remaining
-    exhausted = False
-    failed_at: int | None = None
 
-    def submit(chunk: _Chunk) -> None:
-        chunk.attempts += 1
-        fut = backend.submit(fn, chunk.items, chunk.start, mode=mode, timeout_seconds=timeout_seconds)
-        futures[fut] = chunk
+    def __init__(self, backend: Backend, fn: FunctionRef, *, policy: ChunkPolicy,
+                 style: str = "item", setup: WorkerSetup | None = None, retries: int = 0,
+                 retry_on: tuple[type[BaseException], ...] = (),
+                 retry_backoff_seconds: float = RETRY_BACKOFF_SECONDS,
+                 timeout_seconds: float | None = None, max_chunks_in_flight: int | None = None,
+                 max_items_in_flight: int | None = None, ordered: bool = True,
+                 on_progress: Callable[[int], None] | None = None,
+                 on_outcome: OutcomeHook | None = None, stats: RunStats | None = None,
+                 helper: Backend | None = None, fail_fast: bool = True,
+                 input_error_keeps_chunk: bool = True,
+                 sample_memory: Callable[[], int] | None = None,
+                 clock: Callable[[], float] = time.perf_counter,
+                 sleep: Callable[[float], None] = time.sleep,
+                 wait: Callable[..., Any] | None = None) -> None:
+        self.backend, self.fn, self.policy, self.style, self.setup = backend, fn, policy, style, setup
+        self.retries, self.retry_on, self.backoff = retries, retry_on, retry_backoff_seconds
+        self.timeout = timeout_seconds
+        self.max_chunks = max_chunks_in_flight or 2 * backend.capacity() + 1
+        self.max_items = max_items_in_flight or (1 << 62)
+        self.max_window = ((1 << 62) if max_items_in_flight
+                           else REORDER_CHUNKS_PER_SLOT * self.max_chunks)
+        self.ordered, self.on_progress, self.on_outcome = ordered, on_progress, on_outcome
+        self.stats = stats if stats is not None else RunStats()
+        self.helper, self.clock, self.sleep, self.wait = helper, clock, sleep, wait
+        self.fail_fast, self.input_error_keeps_chunk = fail_fast, input_error_keeps_chunk
+        self.sample_memory = sample_memory
+        #: Without fail_fast (Pool.map), the first error waits here until every item ran.
+        self.deferred: BaseException | None = None
+        self.window: dict[int, _Chunk] = {}
+        self.futures: dict[Future[ChunkOutcome], _Chunk] = {}
+        self.delayed: list[tuple[float, int, _Chunk]] = []
+        #: Chunks owed a (re)submission: the rest of a split chunk, a lost chunk, a retry due.
+        self.requeue: collections.deque[_Chunk] = collections.deque()
+        self.ready_unordered: list[list[Any]] = []
+        #: Futures finished since the last look, in completion order (done-callbacks fill it).
+        self._done: collections.deque[Future[ChunkOutcome]] = collections.deque()
+        self._wake = threading.Event()
+        self.item_failures: dict[int, int] = {}
+        #: Futures cancelled after a failure that were already running: the call waits for
+        #: them to stop before it raises, so nothing of it runs afterwards.
+        self.stopping: list[Future[ChunkOutcome]] = []
+        self._order = itertools.count()
+        self.next_start = self.next_yield = 0
+        self.unyielded = 0
+        self.remaining: int | None = None
+        self.exhausted = False
+        self.failed_at: int | None = None
+        self.first_error: BaseException | None = None
+        self.input_error: tuple[int, BaseException] | None = None
+        self._items: Iterator[Any] = iter(())
 
-    try:
-        while True:
-            while (not exhausted and failed_at is None
-                   and len(futures) + len(delayed) < max_chunks
-                   and unyielded_items < max_items and len(window) < max_window):
-                size = policy.next_size(remaining)
-                batch: list[Any] = []
-                try:
-                    batch.extend(itertools.islice(items, size))
-                except Exception as input_exc:
-                    # The input itself failed: run what was read, and raise the input's error
-                    # in its place in input order, after every earlier item's result or error.
-                    exhausted = True
-                    failed = _Chunk(next_start + len(batch), [])
-                    failed.error = input_exc
-                    window[failed.start] = failed
-                    failed_at = failed.start if failed_at is None else min(failed_at, failed.start)
-                if not batch:
-                    exhausted = True
-                    break
-                chunk = _Chunk(next_start, batch)
-                window[chunk.start] = chunk
-                next_start += len(batch)
-                unyielded_items += len(batch)
-                if remaining is not None:
-                    remaining = max(0, remaining - len(batch))
-                submit(chunk)
-            yielded = False
-            while next_yield in window and (window[next_yield].outcome is not None
-                                            or window[next_yield].error is not None):
-                yielded = True
-                chunk = window.pop(next_yield)
-                if chunk.error is not None:
-                    raise chunk.error
-                assert chunk.outcome is not None
-                unyielded_items -= len(chunk.items)
-                next_yield += len(chunk.items)
-                results, chunk.outcome = chunk.outcome.results, None
-                yield results
-            if not window:
-                if exhausted or failed_at is not None:
+    # -- the run -----------------------------------------------------------------------------
+    def run(self, items: Iterator[Any], *, start_index: int = 0,
+            n_remaining: int | None = None) -> Generator[list[Any], None, None]:
+        """Yield result lists for ``items`` (input indices from ``start_index``)."""
+        self._items, self.remaining = items, n_remaining
+        self.next_start = self.next_yield = start_index
+        if not self.stats.started_at:
+            self.stats.started_at = self.clock()
+        try:
+            while True:
+                self._fill()
+                if (yield from self._yield_ready()):
+                    continue  # room was freed: refill before waiting
+                if self._finished():
                     return
+                self._wait()
+        except KeyboardInterrupt:
+            self._stop(kill=True)
+            raise
+        finally:
+            self.stats.finished_at = self.clock()
+            self._stop()
+
+    def switch(self, backend: Backend, policy: ChunkPolicy, *, max_chunks_in_flight: int,
+               helper: Backend | None = None) -> None:
+        """Carry on with another backend (a serial run moving to workers); chunks already
+        submitted finish where they are."""
+        self.backend, self.policy, self.helper = backend, policy, helper
+        self.max_chunks = max_chunks_in_flight
+        if self.max_window < (1 << 62):
+            self.max_window = REORDER_CHUNKS_PER_SLOT * self.max_chunks
+
+    def _idle(self) -> bool:
+        return not self.futures and not self.delayed and not self.requeue
+
+    def _finished(self) -> bool:
+        stopped = self.exhausted or (self.failed_at is not None and self.fail_fast)
+        if self.ordered:
+            return not self.window and self._idle() and stopped
+        return self._idle() and stopped
+
+    def _all_done(self) -> bool:
+        return self.exhausted and self._idle() and (not self.ordered or not self.window)
+
+    # -- fill: cut chunks and submit them within the bounds ----------------------------------
+    def _in_flight(self) -> int:
+        return len(self.futures) + len(self.delayed) + len(self.requeue)
+
+    def _room(self) -> bool:
+        return (not self.exhausted and (self.failed_at is None or not self.fail_fast)
+                and self._in_flight() < self.max_chunks
+                and self.unyielded < self.max_items and len(self.window) < self.max_window)
+
+    def _cut(self, size: int) -> _Chunk | None:
+        batch: list[Any] = []
+        try:
+            batch.extend(itertools.islice(self._items, size))
+        except Exception as exc:  # the input itself failed: an event at its index
+            self.exhausted = True
+            if not self.input_error_keeps_chunk:
+                batch = []  # the error takes the place of the whole chunk
+            index = self.next_start + len(batch)
+            note_item(exc, index, by_input=True)
+            self.input_error = (index, exc)
+        if not batch:
+            self.exhausted = True
+            return None
+        chunk = _Chunk(self.next_start, batch)
+        self.next_start += len(batch)
+        self.unyielded += len(batch)
+        if self.remaining is not None:
+            self.remaining = max(0, self.remaining - len(batch))
+        if self.ordered:
+            self.window[chunk.start] = chunk
+        self.stats.chunk_sizes.append((self.clock(), len(batch)))
+        return chunk
+
+    def _next_size(self) -> int:
+        return max(1, min(self.policy.next_size(self.remaining), self.max_items - self.unyielded))
+
+    def _fill(self) -> None:
+        while self.requeue and len(self.futures) < self.max_chunks:
+            self._submit(self.requeue.popleft())
+        while self._room():
+            chunk = self._cut(self._next_size())
+            if chunk is None:
+                break
+            self._submit(chunk)
+
+    def _submit(self, chunk: _Chunk, backend: Backend | None = None) -> None:
+        chunk.attempts += 1
+        chunk.submitted = self.clock()
+        task = ChunkTask(self.fn, chunk.items, chunk.start, self.style, self.timeout, self.setup)
+        fut = (backend or self.backend).submit(task)
+        chunk.helper = backend is not None
+        self.futures[fut] = chunk
+        fut.add_done_callback(self._on_done)
+
+    def _on_done(self, fut: Future[ChunkOutcome]) -> None:
+        # Runs in whichever thread finished the future (a backend's manager thread).
+        self._done.append(fut)
+        self._wake.set()
+
+    # -- yield: results in input order -------------------------------------------------------
+    def _yield_ready(self) -> Generator[list[Any], None, bool]:
+        yielded = False
+        if not self.ordered:
+            while self.ready_unordered:
+                yielded = True
+                results = self.ready_unordered.pop(0)
+                self.unyielded -= len(results)
+                yield results
+            if self.first_error is not None and (self.fail_fast or self._all_done()):
+                if self._idle():
+                    raise self.first_error
+            elif self.input_error is not None and self._idle():
+                raise self.input_error[1]
+            return yielded and self._room()
+        while self.next_yield in self.window and self.window[self.next_yield].settled:
+            chunk = self.window.pop(self.next_yield)
+            if chunk.error is not None and self.deferred is None:
+                if self.fail_fast:
+                    raise chunk.error
+                self.deferred = chunk.error
+            results, chunk.results = chunk.results or [], None
+            self.unyielded -= len(chunk.items)
+            self.next_yield += len(chunk.items)
+            yielded = True
+            if self.deferred is None:
+                yield results
+        if self.deferred is not None and self._all_done():
+            raise self.deferred
+        if (self.input_error is not None and self.next_yield == self.input_error[0]
+                and not self.window):
+            raise self.input_error[1]
+        return yielded and self._room()
+
+    # -- wait: for an outcome, a retry's backoff, or help while workers boot -----------------
+    def _wait(self) -> None:
+        now = self.clock()
+        while self.delayed and self.delayed[0][0] <= now:
+            self.requeue.append(heapq.heappop(self.delayed)[2])
+        if self.requeue and len(self.futures) < self.max_chunks:
+            return  # fill submits them first
+        wait_for = (self.delayed[0][0] - now) if self.delayed else None
+        if (not self._done and self.helper is not None and self.futures
+                and not self.backend.ready() and self._help()):
+            return
+        if not self.futures:
+            if wait_for is None and not self.requeue and not self._done:
+                stuck = [c.start for c in self.window.values() if not c.settled]
+                if stuck:  # pragma: no cover - a bug here must raise, never spin
+                    raise RuntimeError(f"amortune's scheduler lost track of chunks at {stuck}")
+            self.sleep(max(0.0, wait_for or 0.0))
+            return
+        if not self._done:
+            if self.wait is not None:  # an injected clock (simulation, tests) moves time
+                self.wait(list(self.futures), timeout=wait_for, return_when=FIRST_COMPLETED)
+            else:
+                self._wake.clear()
+                if not self._done:
+                    self._wake.wait(wait_for)
+        while self._done:
+            fut = self._done.popleft()
+            chunk = self.futures.pop(fut, None)
+            if chunk is None:  # dropped: it came after a failure, or was never ours
                 continue
-            if yielded and not exhausted and failed_at is None:
-                continue  # room was freed: refill before waiting
-            now = time.perf_counter()
-            while delayed and delayed[0][0] <= now:
-                submit(heapq.heappop(delayed)[2])
-            wait_for = (delayed[0][0] - now) if delayed else None
-            if not futures:
-                time.sleep(max(0.0, wait_for or 0.0))
+            if fut.cancelled():  # cancelled by this scheduler: nobody waits for it
                 continue
-            done, _ = wait(list(futures), timeout=wait_for, return_when=FIRST_COMPLETED)
-            for fut in done:
-                maybe = futures.pop(fut, None)
-                if maybe is None:  # dropped: it came after a failure seen in this same round
-                    continue
-                chunk = maybe
-                exc = fut.exception()
-                if exc is None:
-                    outcome = fut.result()
-                    chunk.outcome = outcome
-                    stats.chunks += 1
-                    stats.items += len(chunk.items)
-                    stats.worker_seconds += outcome.wall_seconds
-                    stats.max_rss_bytes = max(stats.max_rss_bytes, outcome.rss_bytes)
-                    policy.observe(len(chunk.items), outcome.wall_seconds)
-                    if on_progress is not None:
-                        on_progress(len(chunk.items))
-                    continue
-                lost = isinstance(exc, (WorkerCrashedError, TaskTimeoutError))
-                transient = bool(retry_on) and isinstance(exc, retry_on)
-                if (lost or transient) and chunk.attempts <= retries:
-                    stats.retries += 1
-                    if transient:
-                        due = time.perf_counter() + retry_backoff_seconds * 2 ** (chunk.attempts - 1)
-                        heapq.heappush(delayed, (due, next(order), chunk))
-                    else:
-                        submit(chunk)
-                    continue
-                if chunk.attempts > 1:
-                    _note_once(exc, f"amortune: {describe_indices(chunk.indices)} failed "
-                                    f"{chunk.attempts} times (retries={retries})")
-                chunk.error = exc
-                failed_at = chunk.start if failed_at is None else min(failed_at, chunk.start)
-                # Chunks after the failure will never be yielded: stop waiting for them.
-                for later_start in [s for s in window if s > failed_at]:
-                    later = window.pop(later_start)
-                    unyielded_items -= len(later.items)
-                    for f, c in list(futures.items()):
-                        if c is later:
-                            f.cancel()
-                            del futures[f]
-                    delayed = [d for d in delayed if d[2] is not later]
-                    heapq.heapify(delayed)
-    finally:
-        for fut in futures:
-            fut.cancel()
+            exc = fut.exception()
+            if exc is not None:  # lost, unsendable, or the backend shut down under it
+                self._on_failure(chunk, exc)
+                continue
+            self._on_outcome(chunk, fut.result())
 
+    def _help(self) -> bool:
+        """Run one small chunk in the caller while no worker is ready (never idle)."""
+        if (self.exhausted or self.failed_at is not None or self.unyielded >= self.max_items
+                or len(self.window) >= self.max_window):
+            return False
+        chunk = self._cut(max(1, self._next_size() // 4))
+        if chunk is None:
+            return False
+        assert self.helper is not None
+        self._submit(chunk, self.helper)
+        self.stats.note(self.clock(), f"the caller ran items {chunk.start}-"
+                        f"{chunk.start + len(chunk.items) - 1} while workers started")
+        return True
 
-def simulate(
-    item_seconds: Sequence[float],
-    n_workers: int,
-    *,
-    initial_chunksize: int = 1,
-    target_chunk_seconds: float = 0.05,
-    overhead_seconds: float = 150e-6,
-    max_chunks_in_flight: int | None = None,
-) -> tuple[float, int]:
-    """Run the scheduler's decisions on virtual workers with a virtual clock.
+    # -- outcomes, failures and retries ------------------------------------------------------
+    def _record(self, chunk: _Chunk, outcome: ChunkOutcome | None, status: str) -> None:
+        now = self.clock()
+        if self.sample_memory is not None:
+            self.stats.memory.append((now, self.sample_memory()))
+        o = outcome
+        self.stats.events.append(ChunkEvent(
+            chunk.start, len(chunk.items), -1 if chunk.helper else (o.slot if o else 0),
+            "caller" if chunk.helper else self.backend.name, chunk.submitted, now,
+            o.started if o else 0.0, o.finished if o else 0.0, o.wall_seconds if o else 0.0,
+            o.cpu_seconds if o else 0.0, o.serde_seconds if o else 0.0,
+            o.rss_bytes if o else 0, chunk.attempts, status))
+        if chunk.helper and o is not None:
+            self.stats.caller_item_seconds += o.wall_seconds
+        if o is not None and o.first_call_seconds is not None:
+            self.stats.first_calls.setdefault(o.slot, o.first_call_seconds)
 
-    Step for step as :func:`run_chunks`: at most ``max_chunks_in_flight`` (default ``2P + 1``)
-    chunks are unfinished, chunk sizes come from the same :class:`ChunkPolicy`, and one caller
-    dispatches chunks serially, ``overhead_seconds`` each, to idle workers in order. Returns
-    ``(makespan, chunks)``.
-    """
-    n = len(item_seconds)
-    prefix = list(itertools.accumulate(item_seconds, initial=0.0))
-    policy = ChunkPolicy(initial_chunksize, n_workers, target_chunk_seconds,
-                         dispatch_seconds=overhead_seconds)
-    max_unfinished = max_chunks_in_flight or 2 * n_workers + 1
-    queue: collections.deque[tuple[int, int]] = collections.deque()
-    running: list[tuple[float, int, int, int]] = []  # (finish, order, start, size)
-    order = itertools.count()
-    now = caller_free = 0.0
-    idle, pos, chunks = n_workers, 0, 0
-    while True:
-        while pos < n and len(queue) + len(running) < max_unfinished:
-            size = policy.next_size(n - pos)
-            queue.append((pos, size))
-            pos += size
-        while idle and queue:
-            start, size = queue.popleft()
-            caller_free = max(now, caller_free) + overhead_seconds
-            work = prefix[start + size] - prefix[start]
-            heapq.heappush(running, (caller_free + work, next(order), start, size))
-            idle -= 1
+    def _on_outcome(self, chunk: _Chunk, outcome: ChunkOutcome) -> None:
+        n_ok = len(outcome.results)
+        self._record(chunk, outcome, "ok" if outcome.error is None else "error")
+        self.stats.chunks += 1
+        self.stats.items += n_ok
+        seconds: float | None = outcome.wall_seconds
+        if outcome.first_call_seconds is not None:
+            # The first call in a worker paid a one-off (an import, a model load): not item cost.
+            seconds = (None if n_ok < 2 else
+                       (outcome.wall_seconds - outcome.first_call_seconds) * n_ok / (n_ok - 1))
+        if n_ok:
+            if seconds is not None:
+                self.policy.observe(n_ok, max(0.0, seconds))
+            if self.on_progress is not None:
+                self.on_progress(n_ok)
+            if self.on_outcome is not None and seconds is not None:
+                self.on_outcome(self, n_ok, max(0.0, seconds))
+        if outcome.error is None:
+            self._settle(chunk, outcome.results)
+            return
+        exc = outcome.error
+        if self.style == "chunk":
+            # A per-chunk function fails as a whole: the chunk is the unit that is retried.
+            at, item, head, rest = chunk.start, _Chunk(chunk.start, chunk.items), None, None
+        else:
+            # func raised at item ``at``: keep the results before it, retry or report it alone,
+            # and run the items after it as a chunk of their own.
+            at = chunk.start + n_ok
+            head = _Chunk(chunk.start, chunk.items[:n_ok])
+            item = _Chunk(at, chunk.items[n_ok:n_ok + 1])
+            rest = _Chunk(at + 1, chunk.items[n_ok + 1:]) if n_ok + 1 < len(chunk.items) else None
+        if self.ordered:
+            self.window.pop(chunk.start, None)
+            for part in (head, item, rest):
+                if part is not None and part.items:
+                    self.window[part.start] = part
+        if head is not None and head.items:
+            self._settle(head, outcome.results)
+        failures = self.item_failures[at] = self.item_failures.get(at, 0) + 1
+        if self.retry_on and isinstance(exc, self.retry_on) and failures <= self.retries:
+            self.stats.retries += 1
+            due = self.clock() + self.backoff * 2 ** (failures - 1)
+            heapq.heappush(self.delayed, (due, next(self._order), item))
+        else:
+            if failures > 1:
+                add_note(exc, f"amortune: item {at} failed {failures} times "
+                              f"(retries={self.retries})")
+            if self.style == "chunk" and len(chunk.items) > 1:
+                add_note(exc, f"amortune: raised by the per-chunk function on "
+                              f"{_describe(chunk.indices)}")
+            note_item(exc, at)
+            item.error = exc
+            self._fail_at(at, exc)
+        if rest is not None and (self.failed_at is None or not self.fail_fast):
+            self.requeue.append(rest)
+
+    def _on_failure(self, chunk: _Chunk, exc: BaseException) -> None:
+        lost = self.backend.is_lost(exc) or (self.helper is not None and self.helper.is_lost(exc))
+        self._record(chunk, None, "lost" if lost else "error")
+        if lost and chunk.attempts <= self.retries:
+            self.stats.retries += 1
+            self.requeue.appendleft(chunk)
+            return
+        if chunk.attempts > 1:
+            note = (f"amortune: {_describe(chunk.indices)} failed {chunk.attempts} times "
+                    f"(retries={self.retries})")
+            if note not in getattr(exc, "__notes__", ()):
+                add_note(exc, note)
+        index = getattr(exc, "amortune_index", None)
+        chunk.error = exc
+        self._fail_at(chunk.start if index is None else min(index, chunk.start), exc)
+
+    def _settle(self, chunk: _Chunk, results: list[Any]) -> None:
+        if self.ordered:
+            chunk.results = results
+        else:
+            self.ready_unordered.append(results)
+
+    def _fail_at(self, index: int, exc: BaseException) -> None:
+        if self.failed_at is not None and self.failed_at <= index:
+            return
+        self.failed_at = index
+        self.first_error = exc
+        if not self.fail_fast:
+            return  # every item still runs; the first error is raised at the end
+        if not self.ordered:
+            for f in list(self.futures):
+                if not f.cancel():
+                    self.stopping.append(f)
+            self.futures.clear()
+            self.delayed.clear()
+            self.requeue.clear()
+            return
+        # Chunks after the failure will never be yielded: stop them where they run.
+        for start in [s for s in self.window if s > index]:
+            later = self.window.pop(start)
+            self.unyielded -= len(later.items)
+            for f, c in list(self.futures.items()):
+                if c is later:
+                    if not f.cancel():  # already sent: it stops where it runs; wait for that
+                        self.stopping.append(f)
+                    del self.futures[f]
+            self.delayed = [d for d in self.delayed if d[2] is not later]
+            heapq.heapify(self.delayed)
+            self.requeue = collections.deque(c for c in self.requeue if c is not later)
+
+    # -- the end of a call: nothing of it may keep running -----------------------------------
+    def _stop(self, kill: bool = False) -> None:
+        running = [f for f in self.futures if not f.cancel()]
+        running += [f for f in self.stopping if not f.done()]
+        self.stopping.clear()
+        self.futures.clear()
+        self.delayed.clear()
+        self.requeue.clear()
         if not running:
-            return now, chunks
-        now, _, start, size = heapq.heappop(running)
-        idle += 1
-        chunks += 1
-        policy.observe(size, prefix[start + size] - prefix[start])
+            return
+        still = running
+        if not kill:
+            still = list((self.wait or futures_wait)(running, timeout=STOP_GRACE_SECONDS)[1])
+        killer = getattr(self.backend, "kill_tasks", None)
+        if still and killer is not None:
+            killer(still)
+
+
+def _describe(indices: tuple[int, ...]) -> str:
+    from ._errors import describe_indices
+
+    return describe_indices(indices)

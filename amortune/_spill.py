@@ -1,28 +1,30 @@
 """Disk spill: a per-run owner-only folder of atomic segment files, read back lazily.
 
-Owns :class:`SpillStore` (one folder and its cleanup), :class:`Segment`, :class:`SpilledResults`
-(the lazy sequence ``process_in_batches`` returns when it spills) and the atomic file writer that
-:mod:`amortune._checkpoint` reuses. Imports the standard library and :mod:`amortune._errors`
-only; numpy and cloudpickle are imported inside functions, so ``import amortune`` stays light.
+Owns :func:`resolve_spill_target` (what ``spill=`` may be), :class:`SpillStore` (one folder and
+its cleanup), :class:`Segment` and :class:`SpilledResults` (the lazy sequence
+``process_in_batches`` returns when it spills). Folders and files go through
+:class:`amortune._files.PrivateDir`: the caller's own, no symbolic links, nothing group or world
+writable, each segment opened relative to the checked folder (else :class:`SpillPermissionError`).
+Imports the standard library and :mod:`amortune._files`; numpy and cloudpickle only inside
+functions, so ``import amortune`` stays light.
 
 A batch of plain ``numpy.ndarray`` results of one dtype and shape is one ``.npy`` file of the
-stacked array, streamed item by item (the batch is never copied) and read back with
-``mmap_mode="r"``: its items return as *read-only* views of a memory map. Any other batch is one
-pickle (protocol 5; cloudpickle when pickle refuses). Files go to a temporary name and are
-renamed into place: a crash leaves a whole file or a ``*.tmp``, never half. Files that must
-outlive the process (a kept folder, checkpoints) are also fsynced, with their folder.
+stacked array, streamed item by item and read back memory-mapped: its items are *read-only*
+views. Any other batch is one ``.pkl`` file, the pickle of a list holding each result's own pickle
+(cloudpickle when pickle refuses), so one result decodes without the others. Files are written to
+a temporary name and renamed into place; a kept folder's are also fsynced, with the folder.
 
-A temporary folder is removed by :meth:`SpillStore.close`, by a ``weakref.finalize`` holding only
-its path (garbage collection, interpreter exit, Ctrl-C) and, after SIGKILL or the OOM killer, by
-the next store made in the same parent: a live store holds an ``flock`` on its ``.lock`` file.
+A temporary folder is removed by :meth:`SpillStore.close`, by a ``weakref.finalize`` (garbage
+collection, interpreter exit, Ctrl-C) and, after SIGKILL or the OOM killer, by the next store made
+in the same parent: a live store holds an ``flock`` on its ``.lock`` file.
 """
 
 from __future__ import annotations
 
 import bisect
 import collections
-import contextlib
 import dataclasses
+import io
 import itertools
 import logging
 import operator
@@ -30,49 +32,61 @@ import os
 import pathlib
 import pickle
 import re
-import secrets
 import shutil
 import sys
 import tempfile
 import weakref
-from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, overload
+from collections.abc import Iterator, Sequence
+from typing import Any, Literal, overload
 
-from amortune._errors import AmortuneError, NotPicklableError
-
-if TYPE_CHECKING:
-    from _typeshed import ReadableBuffer
+from amortune._files import PrivateDir, Sink, SpillError, SpillPermissionError, dumps_item
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - not POSIX: no stale-folder sweep
     fcntl = None  # type: ignore[assignment]
 
-__all__ = ["Segment", "SpillError", "SpillStore", "SpilledResults", "write_file_atomic"]
+__all__ = ["Segment", "SpillError", "SpillPermissionError", "SpillStore", "SpilledResults",
+           "resolve_spill_target", "write_segment"]
 
 logger = logging.getLogger("amortune")
 
 _PREFIX = "amortune-spill-"
 _LOCK_NAME = ".lock"
-SEGMENT_NAME_RE = re.compile(r"seg-(\d{8,})\.(npy|pkl)\Z")
-# Writes below this size are gathered in memory; larger ones go straight to the descriptor.
-_BUFFER_BYTES = 1 << 20
-# At most this many decoded segments are held by a reader (a batch is sized to the memory budget).
-_CACHED_SEGMENTS = 2
+_SEGMENT_NAME_RE = re.compile(r"seg-(\d{8,})\.(npy|pkl)\Z")
+_CACHED_SEGMENTS = 2  # segments a reader holds (a batch is sized to the memory budget)
 # numpy kinds that ``.npy`` stores without pickling: bool, ints, floats, complex, datetimes,
 # bytes, str and plain structured records (object fields are excluded via ``hasobject``).
 _NPY_KINDS = frozenset("biufcmMSUV")
+# A ``.pkl`` segment is the pickle of ``(_ITEMS_TAG, [pickle of item 0, pickle of item 1, ...])``,
+# written opcode by opcode so that only one item's pickle is in memory at a time.
+_ITEMS_TAG = "amortune-items"
+_ITEMS_HEAD = b"\x80\x05(\x8c" + bytes([len(_ITEMS_TAG)]) + _ITEMS_TAG.encode() + b"]("
 
 
-class SpillError(AmortuneError, OSError):
-    """Writing to the spill or checkpoint folder failed (disk full, quota, permissions).
+def resolve_spill_target(spill: object) -> Literal["disk"] | pathlib.Path | None:
+    """Check a ``spill=`` value: ``None``, ``"disk"`` or a folder path (returned as a Path).
 
-    ``errno`` is the operating system's error number when there is one.
+    A string must be ``"disk"`` or clearly a path: it contains a path separator, starts with
+    ``.`` or ``~`` (expanded), is absolute, or names an existing folder. Anything else (``"ram"``,
+    ``"Disk"``, ``""``) raises ``ValueError`` instead of quietly making a folder of that name.
+
+    >>> resolve_spill_target("disk"), resolve_spill_target("./out")
+    ('disk', PosixPath('out'))
     """
-
-    def __init__(self, message: str, errno: int | None = None) -> None:
-        super().__init__(message)
-        self.errno = errno
+    if spill is None or (isinstance(spill, str) and spill == "disk"):
+        return "disk" if spill else None
+    text = os.fspath(spill) if isinstance(spill, (str, os.PathLike)) else None
+    if not isinstance(text, str):
+        raise TypeError(f"spill must be 'disk', a folder path or None, got {spill!r}")
+    separators = [os.sep, *([os.altsep] if os.altsep else [])]
+    if isinstance(spill, str) and not (any(c in text for c in separators) or os.path.isabs(text)
+                                       or text.startswith((".", "~")) or os.path.isdir(text)):
+        raise ValueError(
+            f"spill={spill!r} is neither 'disk' nor a folder path; choose spill='disk' (a "
+            "temporary folder removed with the results), a folder path (with a path separator, "
+            f"e.g. './{spill or 'results'}', or an existing folder), or None (results in memory)")
+    return pathlib.Path(os.path.expanduser(text))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,117 +103,34 @@ class Segment:
         """True for a stacked ``.npy`` segment (items read back as read-only memmap views)."""
         return self.name.endswith(".npy")
 
+    @staticmethod
+    def file_name(seq: int, is_array: bool) -> str:
+        """The file name of segment ``seq``."""
+        return f"seg-{seq:08d}.{'npy' if is_array else 'pkl'}"
 
-class _Sink:
-    """A file-like ``write`` over a raw descriptor; every byte goes through ``os.write``."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.nbytes = 0
-        self._buffer = bytearray()
-
-    def write(self, data: ReadableBuffer) -> int:
-        view = memoryview(data).cast("B")
-        if len(view) >= _BUFFER_BYTES:
-            self.flush()
-            self._write_all(view)
-        else:
-            self._buffer += view
-            if len(self._buffer) >= _BUFFER_BYTES:
-                self.flush()
-        return len(view)
-
-    def flush(self) -> None:
-        if self._buffer:
-            self._write_all(memoryview(self._buffer))
-            self._buffer = bytearray()
-
-    def reset(self) -> None:
-        """Forget everything written so far (before retrying with another encoder)."""
-        self._buffer = bytearray()
-        os.ftruncate(self.fd, 0)
-        os.lseek(self.fd, 0, os.SEEK_SET)
-        self.nbytes = 0
-
-    def _write_all(self, view: memoryview) -> None:
-        while view:
-            written = os.write(self.fd, view)
-            self.nbytes += written
-            view = view[written:]
+    @classmethod
+    def checked(cls, seq: int, name: str, count: int, nbytes: int) -> Segment:
+        """A segment record read from elsewhere (a manifest); ``ValueError`` if it is malformed."""
+        match = _SEGMENT_NAME_RE.match(name)
+        if match is None or int(match.group(1)) != seq or count < 0 or nbytes < 0:
+            raise ValueError(f"not a segment file name for seq {seq}: {name!r}")
+        return cls(seq, name, count, nbytes)
 
 
-def write_file_atomic(directory: pathlib.Path, name: str, fill: Callable[[_Sink], object],
-                      *, durable: bool = True) -> int:
-    """Write ``directory/name`` so that after a crash it is either complete or absent.
-
-    ``fill`` writes the content to a sink on a temporary file (mode 0600) in the same folder, which
-    is then fsynced and renamed over ``name``, and the folder fsynced so the rename itself survives
-    power loss. On any error the temporary file is removed; an ``OSError`` (``ENOSPC`` ...) becomes
-    a :class:`SpillError` naming the folder and the reason. Returns the bytes written.
-    ``durable=False`` skips both fsyncs (still atomic, not crash-durable): for a private spill
-    folder that is deleted at the end anyway, fsync only made the disk the bottleneck (a 1 GB
-    spill took 2-3x the in-RAM loop on the reference machine).
-    """
-    tmp = directory / f"{name}.{secrets.token_hex(4)}.tmp"
-    sink = _Sink(-1)
-    try:
-        sink.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        try:
-            fill(sink)
-            sink.flush()
-            if durable:
-                os.fsync(sink.fd)
-        finally:
-            os.close(sink.fd)
-        os.replace(tmp, directory / name)
-        if durable:
-            dir_fd = os.open(directory, os.O_RDONLY)  # make the rename itself durable
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-    except BaseException as exc:
-        unlink_quietly(tmp)
-        if isinstance(exc, OSError) and not isinstance(exc, SpillError):
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise SpillError(f"could not write {name} in {directory}: {reason}", exc.errno) from exc
-        raise
-    return sink.nbytes
-
-
-def write_segment_file(directory: pathlib.Path, seq: int, results: Sequence[Any],
-                       *, durable: bool = True) -> Segment:
-    """Write one batch's results as segment ``seq`` in ``directory`` (see the module docstring)."""
+def write_segment(folder: PrivateDir, seq: int, results: Sequence[Any], *,
+                  durable: bool = True) -> Segment:
+    """Write one batch's results as segment ``seq`` in ``folder`` (see the module docstring)."""
     if seq < 0:
         raise ValueError(f"seq must be >= 0, got {seq}")
     layout = _array_layout(results)
-    name = f"seg-{seq:08d}.{'npy' if layout else 'pkl'}"
+    name = Segment.file_name(seq, layout is not None)
     if layout is not None:
-        nbytes = write_file_atomic(directory, name, lambda sink: _write_npy(sink, results, *layout),
-                                   durable=durable)
+        nbytes = folder.write_atomic(name, lambda sink: _write_npy(sink, results, *layout),
+                                     durable=durable)
     else:
-        nbytes = write_file_atomic(directory, name, lambda sink: dump_pickle(sink, results, name),
-                                   durable=durable)
+        nbytes = folder.write_atomic(name, lambda sink: _write_items(sink, results, name),
+                                     durable=durable)
     return Segment(seq, name, len(results), nbytes)
-
-
-def dump_pickle(sink: _Sink, obj: Any, what: str) -> None:
-    """Pickle ``obj`` into ``sink`` (protocol 5), retrying with cloudpickle if pickle refuses."""
-    try:
-        pickle.Pickler(sink, protocol=5).dump(obj)
-        return
-    except OSError:
-        raise
-    except Exception:
-        sink.reset()
-    import cloudpickle
-
-    try:
-        cloudpickle.CloudPickler(sink, protocol=5).dump(obj)
-    except OSError:
-        raise
-    except Exception as exc:
-        raise NotPicklableError(f"{what} cannot be pickled to disk: {exc}") from exc
 
 
 def _array_layout(results: Sequence[Any]) -> tuple[Any, tuple[int, ...]] | None:
@@ -216,15 +147,12 @@ def _array_layout(results: Sequence[Any]) -> tuple[Any, tuple[int, ...]] | None:
     return dtype, shape
 
 
-def _write_npy(sink: _Sink, results: Sequence[Any], dtype: Any, shape: tuple[int, ...]) -> None:
+def _write_npy(sink: Sink, results: Sequence[Any], dtype: Any, shape: tuple[int, ...]) -> None:
     """Stream ``np.save(np.stack(results))`` without building the stacked array."""
     import numpy as np
 
-    header = {
-        "descr": np.lib.format.dtype_to_descr(dtype),
-        "fortran_order": False,
-        "shape": (len(results), *shape),
-    }
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+              "shape": (len(results), *shape)}
     # Format 2.0 (numpy >= 1.9) has no 64 KiB header limit, which large record dtypes can hit.
     np.lib.format.write_array_header_2_0(sink, header)
     for item in results:
@@ -232,49 +160,80 @@ def _write_npy(sink: _Sink, results: Sequence[Any], dtype: Any, shape: tuple[int
         sink.write(np.ascontiguousarray(item).reshape(-1).view(np.uint8).data)
 
 
-def _read_segment(path: pathlib.Path, is_array: bool) -> Any:
-    """Decode one segment into a list: read-only views over a memory map, or the pickled items."""
-    if is_array:
-        import numpy as np
-
-        stacked = np.load(path, mmap_mode="r", allow_pickle=False).view(np.ndarray)
-        # ``[j, ...]`` keeps 0-d items as 0-d arrays (``[j]`` would give numpy scalars).
-        return [stacked[j, ...] for j in range(len(stacked))]
-    with open(path, "rb") as f:
-        return pickle.load(f)
+def _write_items(sink: Sink, results: Sequence[Any], name: str) -> None:
+    sink.write(_ITEMS_HEAD)
+    for j, item in enumerate(results):
+        blob = dumps_item(item, f"result {j} of {name}")
+        sink.write(b"\x8e" + len(blob).to_bytes(8, "little"))  # BYTES8
+        sink.write(blob)
+    sink.write(b"et.")  # APPENDS, TUPLE, STOP
 
 
-def make_private_dir(path: pathlib.Path) -> bool:
-    """Create ``path`` (mode 0700) if missing; True if it was created here."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        if not path.is_dir():
-            raise NotADirectoryError(f"{path} exists and is not a folder") from None
-        return False
-    os.chmod(path, 0o700)  # mkdir's mode is reduced by the umask
-    return True
+def _load_items(f: io.BufferedReader) -> list[bytes]:
+    data = pickle.load(f)
+    if type(data) is tuple and len(data) == 2 and data[0] == _ITEMS_TAG:
+        return list(data[1])
+    # A segment of the first format pickled the whole list: its items are re-pickled so that
+    # every read still returns a copy of its own.
+    return [dumps_item(item, "a stored result") for item in data]
 
 
-def unlink_quietly(path: str | pathlib.Path) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(path)
+def _load_npy(f: io.BufferedReader) -> Any:
+    import numpy as np
+
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    if version not in ((1, 0), (2, 0)):
+        raise ValueError(f".npy format {version} is not one amortune writes")
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    try:  # our own header, already checked to be a private file: no header size limit
+        shape, fortran, dtype = read_header(f, max_header_size=1 << 30)
+    except TypeError:  # pragma: no cover - numpy < 1.24
+        shape, fortran, dtype = read_header(f)
+    if dtype.hasobject:
+        raise ValueError("it holds Python objects")
+    stacked = np.memmap(f, dtype=dtype, mode="r", shape=shape, order="F" if fortran else "C",
+                        offset=f.tell())
+    return stacked.view(np.ndarray)
 
 
-def _cleanup(path: str, created: bool, written: list[str], lock_fd: int, owner_pid: int) -> None:
+def _read_segment(folder: PrivateDir, segment: Segment) -> tuple[str, Any]:
+    """``("npy", stacked read-only memmap)`` or ``("pkl", [each item's pickle])``."""
+    kind, load = ("npy", _load_npy) if segment.is_array else ("pkl", _load_items)
+    payload = folder.read(segment.name, load, size=segment.nbytes)
+    if len(payload) != segment.count:
+        raise folder.damaged(segment.name, f"it holds {len(payload)} results, not {segment.count}")
+    return kind, payload
+
+
+def _cleanup(folder: PrivateDir, remove_folder: bool, written: list[str] | None, lock_fd: int,
+             owner_pid: int) -> None:
     """Finalizer body; holds no reference to the store, and skips forked children."""
     if os.getpid() != owner_pid:
         return
-    if lock_fd >= 0:
-        os.close(lock_fd)
-    if created:
-        shutil.rmtree(path, ignore_errors=True)
-        if os.path.exists(path):
-            logger.warning("amortune could not remove its spill folder %s", path)
-    else:
-        for name in written:
-            unlink_quietly(os.path.join(path, name))
+    try:
+        if lock_fd >= 0:
+            os.close(lock_fd)
+        try:
+            folder.verify_identity()
+            moved = False
+        except Exception:
+            moved = True
+        if remove_folder and not moved:
+            shutil.rmtree(folder.path, ignore_errors=True)
+            if os.path.exists(folder.path):
+                logger.warning("amortune could not remove its spill folder %s", folder.path)
+        elif not folder.closed:  # a folder moved away is emptied where it is, through its fd
+            names = os.listdir(folder.fd) if remove_folder and folder.fd >= 0 else written or ()
+            for name in names:
+                folder.unlink(name)
+            if moved and remove_folder:
+                logger.warning("amortune's spill folder %s was moved or replaced; its files were "
+                               "removed, the folder was not", folder.path)
+    except Exception:  # pragma: no cover - a finalizer must not raise
+        logger.exception("amortune could not clean up its spill folder %s", folder.path)
+    finally:
+        folder.close()
 
 
 def _sweep_stale_folders(parent: str) -> None:
@@ -287,10 +246,13 @@ def _sweep_stale_folders(parent: str) -> None:
         return
     for entry in entries:
         try:
-            if entry.is_symlink() or entry.stat().st_uid != os.getuid():
-                continue
-            fd = os.open(os.path.join(entry.path, _LOCK_NAME), os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:  # no lock file: kept on purpose (keep=True) or not ours
+            folder = PrivateDir.open(entry.path, create=False, writable=False)
+        except Exception:  # a link, not ours, not private: not a folder amortune left
+            continue
+        try:
+            fd = folder.open_file(_LOCK_NAME)
+        except Exception:  # no lock file: kept on purpose (keep=True) or not ours
+            folder.close()
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -298,6 +260,7 @@ def _sweep_stale_folders(parent: str) -> None:
             continue  # its owner is alive
         finally:
             os.close(fd)
+            folder.close()
         logger.info("amortune removed stale spill folder %s", entry.path)
         shutil.rmtree(entry.path, ignore_errors=True)
 
@@ -309,7 +272,9 @@ class SpillStore:
     under ``parent`` or ``tempfile.gettempdir()``, removed on :meth:`close`, on garbage collection
     and at interpreter exit. ``SpillStore(path)`` uses a user folder, created 0700 if missing and
     kept after close unless ``keep=False`` (then a folder created here is removed, and in a folder
-    that already existed only the segments written here are). Files are mode 0600.
+    that already existed only the segments written here are). An existing folder must be the
+    caller's own, not a symbolic link and not writable by group or others, or
+    :class:`SpillPermissionError` is raised. Files are mode 0600.
 
     Examples
     --------
@@ -320,47 +285,53 @@ class SpillStore:
     ['a', 'b', 'c']
     """
 
-    def __init__(
-        self,
-        path: str | os.PathLike[str] | None = None,
-        *,
-        keep: bool | None = None,
-        parent: str | None = None,
-    ) -> None:
-        self.keep = (path is not None) if keep is None else keep
+    def __init__(self, path: str | os.PathLike[str] | None = None, *, keep: bool | None = None,
+                 parent: str | None = None) -> None:
+        keep = (path is not None) if keep is None else keep
+        if path is not None:
+            folder = PrivateDir.open(path)
+            self._setup(folder, keep=keep, remove_folder=folder.created and not keep)
+            return
+        parent = parent or tempfile.gettempdir()
+        _sweep_stale_folders(parent)
+        lock_fd, made, opened = -1, "", None
+        try:
+            made = tempfile.mkdtemp(prefix=_PREFIX, dir=parent)
+            opened = PrivateDir.open(made, create=False)
+            if not keep and fcntl is not None:
+                # Locked before it gets the name a sweeper looks for: no window to lose it.
+                lock_fd = opened.open_file(f"{_LOCK_NAME}.tmp", os.O_RDWR | os.O_CREAT)
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                opened.rename(f"{_LOCK_NAME}.tmp", _LOCK_NAME)
+        except BaseException as exc:
+            if lock_fd >= 0:
+                os.close(lock_fd)
+            if opened is not None:
+                opened.close()
+            if made:
+                shutil.rmtree(made, ignore_errors=True)
+            if isinstance(exc, OSError) and not isinstance(exc, SpillError):
+                raise SpillError(f"could not create a spill folder in {parent}: {exc}",
+                                 exc.errno) from exc
+            raise
+        self._setup(opened, keep=keep, remove_folder=not keep, lock_fd=lock_fd)
+
+    @classmethod
+    def over(cls, folder: PrivateDir) -> SpillStore:
+        """A kept store over an open folder (a checkpoint's); closing it closes ``folder``."""
+        store = cls.__new__(cls)
+        store._setup(folder, keep=True, remove_folder=False)
+        return store
+
+    def _setup(self, folder: PrivateDir, *, keep: bool, remove_folder: bool,
+               lock_fd: int = -1) -> None:
+        self.keep, self.directory, self._folder = keep, folder.path, folder
         self._segments: dict[int, Segment] = {}
         self._written: list[str] = []
         self._closed = False
-        lock_fd = -1
-        created = False
-        try:
-            if path is None:
-                parent = parent or tempfile.gettempdir()
-                _sweep_stale_folders(parent)
-                self.directory = pathlib.Path(tempfile.mkdtemp(prefix=_PREFIX, dir=parent))
-                self.directory = self.directory.absolute()
-                created = True
-                if not self.keep and fcntl is not None:
-                    # Locked before it gets the name a sweeper looks for: no window to lose it.
-                    tmp_lock = self.directory / f"{_LOCK_NAME}.tmp"
-                    lock_fd = os.open(tmp_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-                    fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    os.rename(tmp_lock, self.directory / _LOCK_NAME)
-            else:
-                self.directory = pathlib.Path(path).absolute()
-                created = make_private_dir(self.directory)
-        except OSError as exc:
-            if path is None and created:
-                _cleanup(str(self.directory), True, [], lock_fd, os.getpid())
-            where = path if path is not None else parent
-            raise SpillError(
-                f"could not create a spill folder in {where}: {exc}", exc.errno
-            ) from exc
-        self._finalizer: weakref.finalize[Any, Any] | None = None
-        if not self.keep:
-            self._finalizer = weakref.finalize(
-                self, _cleanup, str(self.directory), created, self._written, lock_fd, os.getpid()
-            )
+        self._finalizer = weakref.finalize(
+            self, _cleanup, folder, remove_folder, None if keep else self._written, lock_fd,
+            os.getpid())
 
     def write_segment(self, seq: int, results: Sequence[Any]) -> Segment:
         """Write batch ``seq``'s results atomically; raises :class:`SpillError` on a full disk."""
@@ -368,20 +339,21 @@ class SpillStore:
             raise ValueError(f"spill store at {self.directory} is closed")
         if seq in self._segments:
             raise ValueError(f"segment {seq} was already written to {self.directory}")
-        self._written.append(f"seg-{seq:08d}.npy")
-        self._written.append(f"seg-{seq:08d}.pkl")
+        self._written.extend(Segment.file_name(seq, is_array) for is_array in (True, False))
         # A private temporary folder dies with the run, so its segments need not survive a
         # power loss; a folder the user keeps gets durable writes.
-        segment = write_segment_file(self.directory, seq, results, durable=self.keep)
+        segment = write_segment(self._folder, seq, results, durable=self.keep)
         self._segments[seq] = segment
         return segment
 
     def adopt(self, segment: Segment) -> None:
         """Register a segment already in the folder (a checkpoint being resumed)."""
-        if not SEGMENT_NAME_RE.match(segment.name) or int(segment.name[4:-4]) != segment.seq:
-            raise ValueError(f"not a segment file name for seq {segment.seq}: {segment.name!r}")
-        if not (self.directory / segment.name).is_file():
-            raise FileNotFoundError(f"segment file {self.directory / segment.name} is missing")
+        segment = Segment.checked(segment.seq, segment.name, segment.count, segment.nbytes)
+        try:
+            self._folder.stat_file(segment.name)
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"segment file {self.directory / segment.name} is missing") from None
         self._segments[segment.seq] = segment
 
     def segments(self) -> list[Segment]:
@@ -395,8 +367,7 @@ class SpillStore:
     def close(self) -> None:
         """Stop writing; remove the folder unless it is kept. Safe to call twice."""
         self._closed = True
-        if self._finalizer is not None:
-            self._finalizer()
+        self._finalizer()
 
     def __enter__(self) -> SpillStore:
         return self
@@ -413,10 +384,19 @@ class SpilledResults(Sequence[Any]):
     """Results spilled to disk, as a lazy read-only sequence in input order.
 
     ``len`` is known without reading; indexing reads only the segment holding the item (at most
-    two decoded segments are cached) and slicing returns a list. Items of array segments are
-    read-only views of a memory-mapped file: copy one (``np.array(x)``) to modify it. The sequence
-    keeps its :class:`SpillStore` alive, and closing it closes the store, which removes a temporary
-    folder. It cannot be pickled (the files belong to this process): send ``list(results)``.
+    two segments are cached) and slicing returns a list.
+
+    Every read returns a copy of its own, decoded from the stored bytes: ``r[5] is r[5]`` is
+    false, and changing an item you got (``r[5]["x"] = -1``) never changes what the sequence
+    holds, so ``r[5]["x"]`` reads the stored value again, whatever was read in between (a cache
+    of decoded objects would show the change until the segment is evicted, then silently drop
+    it). The sequence cannot be assigned to; for results you can change, take ``list(r)``.
+    Objects shared between results come back as separate copies. Items of array segments are
+    read-only views of a memory-mapped file (changing one raises ``ValueError``): copy one
+    (``np.array(x)``) to modify it.
+
+    It keeps its :class:`SpillStore` alive, and closing it closes the store (removing a temporary
+    folder). It cannot be pickled (the files belong to this process): send ``list(results)``.
     """
 
     def __init__(self, store: SpillStore, segments: Sequence[Segment]) -> None:
@@ -424,7 +404,7 @@ class SpilledResults(Sequence[Any]):
         self._directory = store.directory
         self._segments = tuple(sorted(segments, key=operator.attrgetter("seq")))
         self._ends = list(itertools.accumulate(s.count for s in self._segments))
-        self._cache: collections.OrderedDict[int, Any] = collections.OrderedDict()
+        self._cache: collections.OrderedDict[int, tuple[str, Any]] = collections.OrderedDict()
         self._closed = False
 
     def __len__(self) -> int:
@@ -450,27 +430,38 @@ class SpilledResults(Sequence[Any]):
     def __iter__(self) -> Iterator[Any]:
         for pos, segment in enumerate(self._segments):
             if segment.count:
-                decoded = self._load(pos)
+                loaded = self._load(pos)
                 for j in range(segment.count):
-                    yield decoded[j]
+                    yield self._decode(pos, loaded, j)
 
     def _item(self, i: int) -> Any:
         pos = bisect.bisect_right(self._ends, i)
         start = self._ends[pos - 1] if pos else 0
-        return self._load(pos)[i - start]
+        return self._decode(pos, self._load(pos), i - start)
 
-    def _load(self, pos: int) -> Any:
-        if self._closed:
+    def _decode(self, pos: int, loaded: tuple[str, Any], j: int) -> Any:
+        kind, payload = loaded
+        if kind == "npy":
+            return payload[j, ...]  # ``[j, ...]`` keeps 0-d items 0-d (``[j]`` gives scalars)
+        try:
+            return pickle.loads(payload[j])
+        except MemoryError:
+            raise
+        except Exception as exc:
+            raise self._store._folder.damaged(
+                self._segments[pos].name, f"result {j}: {type(exc).__name__}: {exc}") from exc
+
+    def _load(self, pos: int) -> tuple[str, Any]:
+        if self._closed or self._store._closed:
             raise ValueError("I/O operation on closed spilled results")
         if pos in self._cache:
             self._cache.move_to_end(pos)
             return self._cache[pos]
-        while len(self._cache) >= _CACHED_SEGMENTS:  # evict first: bounds decoded batches held
+        while len(self._cache) >= _CACHED_SEGMENTS:  # evict first: bounds the segments held
             self._cache.popitem(last=False)
-        segment = self._segments[pos]
-        decoded = _read_segment(self._directory / segment.name, segment.is_array)
-        self._cache[pos] = decoded
-        return decoded
+        loaded = _read_segment(self._store._folder, self._segments[pos])
+        self._cache[pos] = loaded
+        return loaded
 
     def close(self) -> None:
         """Drop cached segments and close the store (removing a temporary folder)."""
@@ -485,14 +476,9 @@ class SpilledResults(Sequence[Any]):
         self.close()
 
     def __reduce_ex__(self, protocol: object) -> Any:
-        raise TypeError(
-            "SpilledResults reads files in this process's spill folder and cannot be pickled; "
-            "send list(results) instead"
-        )
+        raise TypeError("SpilledResults reads files in this process's spill folder and cannot be "
+                        "pickled; send list(results) instead")
 
     def __repr__(self) -> str:
-        state = ", closed" if self._closed else ""
-        return (
-            f"<SpilledResults: {len(self)} items in {len(self._segments)} segments at "
-            f"{str(self._directory)!r}{state}>"
-        )
+        return (f"<SpilledResults: {len(self)} items in {len(self._segments)} segments at "
+                f"{str(self._directory)!r}{', closed' if self._closed else ''}>")

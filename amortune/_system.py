@@ -317,6 +317,6 @@ def probe_system(config: Config | None = None) -> SystemSnapshot:
         total_memory_bytes=total,
         available_memory_bytes=available,
         cgroup_memory_limit_bytes=limit,
-        start_method=config.start_method,
+        start_method=config.start_method or "auto",
         platform=sys.platform,
     )

@@ -1,20 +1,19 @@
-"""Code that runs inside a worker: the chunk runner, its timing, RSS probe and exception capture.
+"""Code that runs where items run: the chunk runner, and the entry point of a worker process.
 
-Data flow (one worker process, one duplex pipe to the caller's manager thread)::
+:func:`run_chunk` is shared by every backend (the caller's serial loop, threads, worker
+processes, Dask tasks): it applies ``func`` in one of the call styles and returns the results of
+the items before a failure together with the failure, so the scheduler retries only the failing
+item. :func:`worker_main` serves :mod:`amortune._protocol` messages over one duplex pipe::
 
-    caller ──("func", token, bytes)────────▶ worker: cache the unpickled function by token
-    caller ──("task", id, token, start, mode, items bytes, ticks)──▶ worker: run func over the chunk
-    worker ──("tick", id, i)──▶ caller         (only with a timeout: item i has started; i is
-                                                None while the chunk's results are pickled)
-    worker ──("done", id, results bytes, wall_s, cpu_s, rss)──▶ caller
-    worker ──("error", id, captured exception, wall_s, cpu_s, rss)──▶ caller
-    worker ──("exiting", id, i, code)──▶ caller  (func raised SystemExit: the worker exits with it)
-    caller ──None──▶ worker exits
+    caller ──Func(token, bytes)──▶ cache the unpickled function (oldest evicted first)
+    caller ──Env(token, pairs)───▶ make os.environ match the caller's as of the call
+    caller ──Run(id, token, start, style, items, ...)──▶ run the chunk ──Done(...)──▶ caller
+    caller ──Cancel(id)──▶ skip that task, or stop it before its next item ──Skipped(id)──▶
+    caller ──None──▶ exit
 
-Messages are plain tuples of builtins and bytes. A worker never outlives the caller: it is
-SIGKILLed by the kernel when its parent dies (Linux), and it exits on EOF of its pipe. Imports the
-standard library, ``_errors`` and (lazily, for the odd object plain pickle refuses) cloudpickle;
-nothing caller-side.
+A worker never outlives the caller: the kernel SIGKILLs it when its parent dies (Linux) and it
+exits on EOF of its pipe. Imports the standard library, ``_errors``, ``_serde`` and
+``_protocol``; threadpoolctl lazily, to cap native thread pools; nothing caller-side.
 """
 
 from __future__ import annotations
@@ -24,13 +23,28 @@ import pickle
 import signal
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from ._errors import NotPicklableError, capture
+from ._protocol import (
+    Cancel,
+    Done,
+    Env,
+    Exiting,
+    Func,
+    InitError,
+    Ready,
+    Retiring,
+    Run,
+    Skipped,
+    Tick,
+)
+from ._serde import dumps, first_unpicklable
 
-__all__ = ["dumps", "first_unpicklable", "load_prctl", "run_items", "worker_main", "rss_bytes",
-           "THREAD_ENV_VARS"]
+__all__ = ["FUNC_CACHE_SIZE", "THREAD_ENV_VARS", "apply_env", "limit_native_threads",
+           "load_prctl", "rss_bytes", "run_chunk", "worker_main"]
 
 THREAD_ENV_VARS = (
     "OMP_NUM_THREADS",
@@ -39,24 +53,18 @@ THREAD_ENV_VARS = (
     "VECLIB_MAXIMUM_THREADS",
     "NUMEXPR_NUM_THREADS",
 )
+#: Modules whose native thread pools threadpoolctl can cap once they are loaded.
+_NATIVE_POOL_MODULES = ("numpy", "scipy", "torch", "sklearn", "numexpr")
 
 #: Functions a worker keeps unpickled, oldest evicted first; the caller mirrors this exactly to
 #: know which functions it must send again.
 FUNC_CACHE_SIZE = 16
+#: While a chunk runs, the worker looks for a Cancel at most this often (a poll is ~1 µs).
+_CANCEL_POLL_SECONDS = 0.005
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 _PR_SET_PDEATHSIG = 1
 _prctl: Any = None
-
-
-def dumps(obj: Any) -> bytes:
-    """Pickle with the fast stdlib pickler; fall back to cloudpickle for lambdas and closures."""
-    try:
-        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception:
-        import cloudpickle
-
-        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
 
 
 def rss_bytes() -> int:
@@ -74,52 +82,93 @@ def rss_bytes() -> int:
             return 0
 
 
-def run_items(
+def _call(func: Callable[..., Any], style: str) -> Callable[[Any], Any]:
+    if style == "item":
+        return func
+    if style == "star":
+        return lambda x: func(*x)
+    if style == "apply":
+        return lambda x: func(*x[0], **x[1])
+    raise ValueError(f"unknown call style {style!r}")
+
+
+def run_chunk(
     func: Callable[..., Any],
     items: Sequence[Any],
-    start: int,
-    mode: str,
-    on_item: Callable[[int], None] | None = None,
-) -> list[Any]:
-    """Apply ``func`` to each item in order; ``mode`` is ``"map"``, ``"star"`` or ``"apply"``.
+    style: str = "item",
+    on_item: Callable[[int], bool] | None = None,
+) -> tuple[list[Any], BaseException | None]:
+    """Apply ``func`` to ``items`` in ``style``; returns ``(results, error)``.
 
-    An exception propagates with ``amortune_index`` set to the failing item's input index.
+    ``results`` hold the items before the first failure and ``error`` is that failure (or
+    ``None``). ``"chunk"`` calls ``func(list(items))`` once and checks it returns one result per
+    item. ``on_item(k)`` runs before item ``k`` (timeouts, cancellation); returning ``False``
+    stops the chunk there. ``StopIteration`` from ``func`` becomes a ``RuntimeError`` here, on
+    every backend alike, so it can never silently end a ``map`` early.
     """
     out: list[Any] = []
-    append = out.append
     try:
-        if on_item is None and mode == "map":
-            for item in items:
-                append(func(item))
+        if style == "chunk":
+            got = func(list(items))
+            try:
+                out = list(got)
+            except TypeError:
+                raise TypeError(f"a per-chunk function must return a list, got "
+                                f"{type(got).__name__}") from None
+            if len(out) != len(items):
+                raise ValueError(f"a per-chunk function returned {len(out)} results for "
+                                 f"{len(items)} items")
+        elif on_item is None:
+            out.extend(map(_call(func, style), items))
+            if len(out) < len(items):  # map ended early: func raised StopIteration
+                raise _stop_iteration_error(None)
         else:
-            for item in items:
-                if on_item is not None:
-                    on_item(start + len(out))
-                if mode == "map":
-                    append(func(item))
-                elif mode == "star":
-                    append(func(*item))
-                else:
-                    args, kwargs = item
-                    append(func(*args, **kwargs))
-    except BaseException as exc:
-        exc.amortune_index = start + len(out)  # type: ignore[attr-defined]
-        raise
-    return out
+            call = _call(func, style)
+            for k, item in enumerate(items):
+                if not on_item(k):
+                    break
+                out.append(call(item))
+    except StopIteration as exc:
+        return (out if style != "chunk" else []), _stop_iteration_error(exc)
+    except BaseException as exc:  # noqa: B036 - reported to the caller with its type
+        return (out if style != "chunk" else []), exc
+    return out, None
 
 
-def _limit_native_threads(n_threads: int | None) -> None:
+def _stop_iteration_error(exc: StopIteration | None) -> RuntimeError:
+    # Inside map() a StopIteration from func ends the map silently, truncating the results;
+    # every plan reports it the same way instead, as an error at that item.
+    err = RuntimeError("func raised StopIteration; amortune treats it as an error, not as the "
+                       "end of the input")
+    err.__cause__ = exc
+    return err
+
+
+def limit_native_threads(n_threads: int | None) -> None:
+    """Cap OpenMP/BLAS pools at ``n_threads``: env vars for pools not started yet, threadpoolctl
+    for libraries already loaded (a fork or a preloaded ``__main__`` that imported numpy)."""
     if not n_threads:
         return
     for var in THREAD_ENV_VARS:
         os.environ[var] = str(n_threads)
-    if "numpy" in sys.modules:  # already loaded (inherited from a preloaded parent)
+    if any(m in sys.modules for m in _NATIVE_POOL_MODULES):
         try:
             from threadpoolctl import threadpool_limits
 
             threadpool_limits(n_threads)
-        except Exception:
+        except ImportError:
             pass
+
+
+def apply_env(pairs: Sequence[tuple[str, str]], keep: Sequence[str] = THREAD_ENV_VARS) -> None:
+    """Make ``os.environ`` equal to ``pairs`` (the caller's), keeping the thread caps set here."""
+    wanted = dict(pairs)
+    for name in list(os.environ):
+        if name not in wanted and name not in keep:
+            del os.environ[name]
+    for name, value in wanted.items():
+        if name not in keep and os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 def load_prctl() -> Any:
@@ -142,8 +191,9 @@ def load_prctl() -> Any:
 def _die_with_parent(parent_is_forkserver: bool) -> None:
     """Ask the kernel to SIGKILL this worker when its parent dies, then exit if that happened.
 
-    The parent is the caller, or the forkserver, which exits when the caller does. A caller that
-    died before the request was made cannot trigger it, so check once by hand afterwards.
+    Forkserver workers also drop their copy of the server's "alive" pipe: the server exits when
+    its last holder closes it, and a busy worker would otherwise keep it alive forever after a
+    SIGKILLed caller.
     """
     prctl = load_prctl()
     if prctl is not None:
@@ -151,10 +201,6 @@ def _die_with_parent(parent_is_forkserver: bool) -> None:
     import multiprocessing
 
     if parent_is_forkserver:
-        # The forkserver exits when the last holder of its "alive" pipe closes it, and it hands a
-        # copy to every child it forks: a busy worker would keep it, and so itself, alive forever
-        # after the caller died. This worker never forks through that server (a nested forkserver
-        # use starts its own, as the pid is unknown here), so drop the copy.
         from multiprocessing import forkserver
 
         server: Any = getattr(forkserver, "_forkserver", None)
@@ -168,8 +214,6 @@ def _die_with_parent(parent_is_forkserver: bool) -> None:
     parent = multiprocessing.parent_process()
     if parent is None:
         return
-    # With fork or spawn the parent is the caller itself, and a new parent pid means it is gone.
-    # Forkserver workers watch the caller's sentinel pipe instead.
     gone = not parent.is_alive() if parent_is_forkserver else os.getppid() != parent.pid
     if gone:
         os._exit(1)
@@ -182,95 +226,35 @@ def worker_main(
     max_tasks: int | None,
     start_method: str = "spawn",
     inherited: Sequence[Any] = (),
+    env: Sequence[tuple[str, str]] = (),
 ) -> None:
     """Entry point of a worker process: serve tasks from ``conn`` until told to stop.
 
-    Runs in a child. SIGINT is ignored (the caller owns Ctrl-C and terminates workers itself).
-    ``inherited`` are the caller's pipe ends a forked child got by accident; closing them lets
-    every worker see EOF when the caller goes away. A ``SystemExit`` from ``func`` ends the worker
-    with that exit code, as it would end a plain script.
+    Runs in a child. SIGINT is ignored (the caller owns Ctrl-C). ``inherited`` are the caller's
+    pipe ends a forked child got by accident; closing them lets every worker see EOF when the
+    caller goes away. ``env`` is the slot's own environment (a device id), set before the
+    initializer runs. A ``SystemExit`` from ``func`` ends the worker with that exit code.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for other in inherited:
         other.close()
     _die_with_parent(start_method == "forkserver")
-    _limit_native_threads(n_threads)
+    os.environ.update(dict(env))
+    limit_native_threads(n_threads)
     try:
         if initializer is not None:
             try:
                 init, initargs = pickle.loads(initializer)
                 init(*initargs)
             except BaseException as exc:
-                conn.send_bytes(dumps(("init_error", capture(exc, None))))
+                conn.send_bytes(dumps(InitError(capture(exc, None))))
                 return
+            limit_native_threads(n_threads)  # the initializer may have loaded numpy
         baseline_rss = rss_bytes()
-        conn.send_bytes(dumps(("ready", os.getpid(), baseline_rss)))
-        _serve(conn, max_tasks, baseline_rss)
+        conn.send_bytes(dumps(Ready(os.getpid(), baseline_rss)))
+        _Server(conn, max_tasks, baseline_rss, n_threads, tuple(k for k, _ in env)).serve()
     except (EOFError, OSError):  # the caller is gone: nothing to report to
         return
-
-
-def _serve(conn: Any, max_tasks: int | None, baseline_rss: int) -> None:
-    funcs: dict[str, Any] = {}
-    send = conn.send_bytes
-    done_tasks = 0
-    while True:
-        msg = pickle.loads(conn.recv_bytes())
-        if msg is None:
-            return
-        if msg[0] == "func":
-            _, token, payload = msg
-            if len(funcs) >= FUNC_CACHE_SIZE:  # the manager evicts the same one (oldest first)
-                funcs.pop(next(iter(funcs)))
-            try:
-                funcs[token] = pickle.loads(payload)
-            except BaseException as exc:  # reported with the first task that needs it
-                funcs[token] = _LoadFailed(capture(exc, None))
-            continue
-        _, task_id, token, start, mode, payload, ticks, growth_limit = msg
-        wall0, cpu0 = time.perf_counter(), time.process_time()
-        reply: tuple[Any, ...]
-        on_item = (lambda i, t=task_id: send(dumps(("tick", t, i)))) if ticks else None
-        try:
-            func = funcs[token]
-            if isinstance(func, _LoadFailed):
-                reply = ("error", task_id, func.captured)
-                raise _Reported
-            try:
-                items = pickle.loads(payload)
-            except BaseException as exc:
-                raise NotPicklableError(
-                    f"the items of the chunk starting at item {start} cannot be unpickled in the "
-                    f"worker: {exc!r}") from exc
-            results = run_items(func, items, start, mode, on_item)
-            if on_item is not None:
-                send(dumps(("tick", task_id, None)))  # pickling results is not an item's time
-            try:
-                body = dumps(results)
-            except Exception as exc:
-                bad = first_unpicklable(results, start)
-                err = NotPicklableError(f"the result of item {bad} cannot be pickled: {exc}")
-                err.amortune_index = bad  # type: ignore[attr-defined]
-                raise err from None
-            reply = ("done", task_id, body)
-        except _Reported:
-            pass
-        except SystemExit as exc:
-            send(dumps(("exiting", task_id, getattr(exc, "amortune_index", None), exc.code)))
-            raise
-        except BaseException as exc:
-            index = getattr(exc, "amortune_index", None)
-            reply = ("error", task_id, capture(exc, index))
-        wall, cpu, rss = time.perf_counter() - wall0, time.process_time() - cpu0, rss_bytes()
-        send(dumps((*reply, wall, cpu, rss)))
-        done_tasks += 1
-        if growth_limit is not None and rss - baseline_rss > growth_limit:
-            # Grown too much: leave before any task queued behind this one starts, and say so,
-            # so the caller reruns that task elsewhere instead of reporting a crash.
-            send(dumps(("retiring", task_id)))
-            return
-        if max_tasks is not None and done_tasks >= max_tasks:
-            return
 
 
 class _LoadFailed:
@@ -280,15 +264,158 @@ class _LoadFailed:
         self.captured = captured
 
 
-class _Reported(Exception):
-    """Internal: the reply is already set."""
+class _Server:
+    """One worker's message loop; messages that arrive while a chunk runs wait in ``inbox``."""
 
+    def __init__(self, conn: Any, max_tasks: int | None, baseline_rss: int,
+                 n_threads: int | None, slot_env: tuple[str, ...]) -> None:
+        self.conn, self.max_tasks, self.baseline_rss = conn, max_tasks, baseline_rss
+        self.n_threads: int | None = n_threads
+        self.keep_env = (*THREAD_ENV_VARS, *slot_env)
+        self.funcs: dict[str, Any] = {}
+        self.called: set[str] = set()
+        self.env_token: str | None = None
+        self.inbox: deque[Any] = deque()
+        self.cancelled: set[int] = set()
+        self.done_tasks = 0
 
-def first_unpicklable(objs: Sequence[Any], start: int) -> int:
-    """Input index of the first of ``objs`` (indices from ``start``) that cannot be pickled."""
-    for i, r in enumerate(objs):
+    def send(self, msg: Any) -> None:
+        self.conn.send_bytes(dumps(msg))
+
+    def _read(self) -> Any:
+        return self.inbox.popleft() if self.inbox else pickle.loads(self.conn.recv_bytes())
+
+    def _drain(self) -> None:
+        """Read what has arrived without blocking; note cancellations at once."""
+        while self.conn.poll():
+            msg = pickle.loads(self.conn.recv_bytes())
+            if isinstance(msg, Cancel):
+                self.cancelled.add(msg.task_id)
+            else:
+                self.inbox.append(msg)
+
+    def serve(self) -> None:
+        while True:
+            msg = self._read()
+            if msg is None:
+                return
+            if isinstance(msg, Func):
+                self._load(msg)
+            elif isinstance(msg, Env):
+                if msg.token != self.env_token:
+                    if msg.pairs is not None:
+                        apply_env(msg.pairs, self.keep_env)
+                    if msg.thread_cap and msg.thread_cap != self.n_threads:
+                        self.n_threads = msg.thread_cap
+                        limit_native_threads(msg.thread_cap)
+                    self.env_token = msg.token
+            elif isinstance(msg, Cancel):
+                self.cancelled.add(msg.task_id)
+            elif isinstance(msg, Run):
+                self._drain()  # a Cancel sent after this task must win over starting it
+                if msg.task_id in self.cancelled:
+                    self.cancelled.discard(msg.task_id)
+                    self.send(Skipped(msg.task_id))
+                    continue
+                if not self._run(msg):
+                    return
+
+    def _load(self, msg: Func) -> None:
+        if len(self.funcs) >= FUNC_CACHE_SIZE:  # the manager evicts the same one (oldest first)
+            old = next(iter(self.funcs))
+            self.funcs.pop(old)
+            self.called.discard(old)
+        had_native = any(m in sys.modules for m in _NATIVE_POOL_MODULES)
         try:
-            dumps(r)
-        except Exception:
-            return start + i
-    return start
+            self.funcs[msg.token] = pickle.loads(msg.payload)
+        except BaseException as exc:  # reported with the first task that needs it
+            self.funcs[msg.token] = _LoadFailed(capture(exc, None))
+        if not had_native:  # the function's module may have loaded numpy just now
+            limit_native_threads(self.n_threads)
+
+    def _run(self, msg: Run) -> bool:
+        """Run one task and reply; ``False`` when the worker must exit afterwards."""
+        wall0, cpu0 = time.perf_counter(), time.process_time()
+        func = self.funcs.get(msg.token)
+        first_call: float | None = None
+        if func is None or isinstance(func, _LoadFailed):
+            captured = func.captured if func is not None else capture(
+                NotPicklableError("the function was not sent to this worker"), None)
+            self._reply(msg, b"", wall0, cpu0, 0.0, None, captured)
+            return True
+        try:
+            items = pickle.loads(msg.items)
+        except BaseException as exc:
+            err = NotPicklableError(f"the items of the chunk starting at item {msg.start} cannot "
+                                    f"be unpickled in the worker: {exc!r}")
+            err.__cause__ = exc
+            self._reply(msg, b"", wall0, cpu0, 0.0, None, capture(err, msg.start))
+            return True
+        serde = time.perf_counter() - wall0
+        last_poll = [time.perf_counter()]
+        first = msg.token not in self.called
+        first_end: list[float] = []
+
+        def on_item(k: int) -> bool:
+            now = time.perf_counter()
+            if k == 1 and first:
+                first_end.append(now)
+            if msg.ticks:
+                self.send(Tick(msg.task_id, msg.start + k))
+            if k and now - last_poll[0] > _CANCEL_POLL_SECONDS:
+                last_poll[0] = now
+                self._drain()
+                if msg.task_id in self.cancelled:
+                    return False
+            return True
+
+        started = time.perf_counter()
+        slow_path = msg.ticks or first or len(items) > 1
+        try:
+            results, error = run_chunk(func, items, msg.style,
+                                       on_item if slow_path and msg.style != "chunk" else None)
+        except BaseException as exc:  # pragma: no cover - run_chunk returns errors
+            results, error = [], exc
+        self.called.add(msg.token)
+        finished = time.perf_counter()
+        if first:
+            first_call = (first_end[0] if first_end else finished) - started
+        if isinstance(error, SystemExit):
+            index = msg.start + len(results)
+            self.send(Exiting(msg.task_id, index, error.code))
+            raise error
+        if msg.task_id in self.cancelled and error is None and len(results) < len(items):
+            self.cancelled.discard(msg.task_id)
+            self.send(Skipped(msg.task_id))
+            return True
+        if msg.ticks:
+            self.send(Tick(msg.task_id, None))  # pickling results is not an item's time
+        t_pickle = time.perf_counter()
+        try:
+            body = dumps(results)
+        except Exception as exc:
+            bad = first_unpicklable(results, msg.start)
+            err = NotPicklableError(f"the result of item {bad} cannot be pickled: {exc}")
+            body, results, error = dumps(results[: bad - msg.start]), [], err
+            err.amortune_index = bad  # type: ignore[attr-defined]
+        serde += time.perf_counter() - t_pickle
+        captured = None
+        if error is not None:
+            at = getattr(error, "amortune_index", None)
+            captured = capture(error, at if at is not None else msg.start + len(results))
+        self._reply(msg, body, wall0, cpu0, serde, first_call, captured, started, finished)
+        self.done_tasks += 1
+        rss = rss_bytes()
+        if msg.growth_limit is not None and rss - self.baseline_rss > msg.growth_limit:
+            # Grown too much: leave before any task queued behind this one starts, and say so,
+            # so the caller reruns that task elsewhere instead of reporting a crash.
+            self.send(Retiring(msg.task_id))
+            return False
+        return self.max_tasks is None or self.done_tasks < self.max_tasks
+
+    def _reply(self, msg: Run, body: bytes, wall0: float, cpu0: float, serde: float,
+               first_call: float | None, captured: Any, started: float = 0.0,
+               finished: float = 0.0) -> None:
+        self.send(Done(msg.task_id, body, time.perf_counter() - wall0,
+                       time.process_time() - cpu0, rss_bytes(), started, finished, first_call,
+                       serde, captured))

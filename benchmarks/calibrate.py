@@ -1,8 +1,10 @@
 """Measure the constants of amortune's cost model on this machine; print them beside the code's.
 
 Usage: ``python benchmarks/calibrate.py [--quick]``. Each constant of ``amortune/_model.py`` (and
-the start-up defaults in ``amortune/backends/local.py``) names the measurement behind it; this
-script is that measurement. Medians of many repeats; on a shared machine run it twice.
+the start-up defaults in ``amortune/backends/_start.py``) names the measurement behind it; this
+script is that measurement, through the backends themselves (``ProcessBackend``,
+``ThreadBackend``, ``submit(ChunkTask(...))``). Medians of many repeats; on a shared machine run
+it twice.
 
 numpy is imported only inside functions: the forkserver preloads this module, and an idle worker's
 memory must not include numpy unless the function imports it.
@@ -23,8 +25,9 @@ from typing import Any
 
 from amortune import _model
 from amortune._config import default_start_method
-from amortune.backends._base import FunctionRef
-from amortune.backends.local import _DEFAULT_START_COSTS, ProcessBackend
+from amortune.backends._base import ChunkTask, FunctionRef
+from amortune.backends._start import _DEFAULTS as _DEFAULT_START_COSTS
+from amortune.backends.processes import ProcessBackend
 from amortune.backends.threads import ThreadBackend
 
 MB = 1 << 20
@@ -39,17 +42,22 @@ def _median_time(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
+def _empty(fn: FunctionRef) -> ChunkTask:
+    """A chunk of no items: only the round trip is measured."""
+    return ChunkTask(fn, [], 0)
+
+
 def process_dispatch(repeats: int) -> tuple[float, float]:
     """Empty-chunk round trip through ProcessBackend: one at a time, and pipelined over 2 workers."""
     fn = FunctionRef(abs)
     with ProcessBackend(1, start_method=default_start_method()) as be:
-        be.submit(fn, [], 0).result()  # start the worker, send the function
-        latency = _median_time(lambda: be.submit(fn, [], 0).result(), repeats)
+        be.submit(_empty(fn)).result()  # start the worker, send the function
+        latency = _median_time(lambda: be.submit(_empty(fn)).result(), repeats)
     with ProcessBackend(2, start_method=default_start_method()) as be:
-        wait([be.submit(fn, [], 0) for _ in range(4)])
+        wait([be.submit(_empty(fn)) for _ in range(4)])
         n = repeats * 4
         t0 = time.perf_counter()
-        wait([be.submit(fn, [], 0) for _ in range(n)])
+        wait([be.submit(_empty(fn)) for _ in range(n)])
         pipelined = (time.perf_counter() - t0) / n
     return latency, pipelined
 
@@ -59,11 +67,11 @@ def thread_dispatch(repeats: int) -> tuple[float, float]:
     fn = FunctionRef(abs)
     be = ThreadBackend(1)
     try:
-        be.submit(fn, [], 0).result()
-        latency = _median_time(lambda: be.submit(fn, [], 0).result(), repeats)
+        be.submit(_empty(fn)).result()
+        latency = _median_time(lambda: be.submit(_empty(fn)).result(), repeats)
         n = repeats * 4
         t0 = time.perf_counter()
-        wait([be.submit(fn, [], 0) for _ in range(n)])
+        wait([be.submit(_empty(fn)) for _ in range(n)])
         pipelined = (time.perf_counter() - t0) / n
     finally:
         be.shutdown()
@@ -137,6 +145,9 @@ def worker_start(method: str, repeats: int) -> dict[str, float]:
         t0 = time.perf_counter()
         be = ProcessBackend(n, start_method=method)
         while be.warm_workers < n:
+            if time.perf_counter() - t0 > 120:
+                be.shutdown(wait=False, kill=True)
+                raise RuntimeError(f"{n} {method} workers not ready after 120 s")
             time.sleep(0.0005)
         return time.perf_counter() - t0, be
 
@@ -189,7 +200,7 @@ def worker_rss_with_numpy() -> float:
     import workloads
 
     with ProcessBackend(1, start_method=default_start_method()) as be:
-        be.submit(FunctionRef(workloads.square), [3], 0).result()
+        be.submit(ChunkTask(FunctionRef(workloads.square), [3], 0)).result()
         return float(psutil.Process(be.pids()[0]).memory_info().rss)
 
 
@@ -242,19 +253,20 @@ def main() -> None:
         row(f"start {method}: first worker / each extra",
             f"{s['first'] * 1e3:.1f} / {s['per_extra'] * 1e3:.1f} ms "
             f"(first ever {s['first_ever'] * 1e3:.0f} ms)",
-            f"{first * 1e3:.1f} / {per * 1e3:.1f} ms (local.py)")
+            f"{first * 1e3:.1f} / {per * 1e3:.1f} ms (_start.py)")
         if method == default_start_method():
             base = s
     if "forkserver" in mp.get_all_start_methods():
         first, per = _DEFAULT_START_COSTS["forkserver"]
         for label, preload in (("`python -c` main", ()),
                                ("`python -c` main, worker modules preloaded",
-                                ("amortune._worker", "amortune.backends.local", "ctypes"))):
+                                ("amortune._worker", "amortune.backends.processes",
+                                 "ctypes"))):
             s = forkserver_without_main(2 if args.quick else 5, preload)
             row(f"start forkserver, {label}",
                 f"{s['first'] * 1e3:.1f} / {s['per_extra'] * 1e3:.1f} ms "
                 f"(first ever {s['first_ever'] * 1e3:.0f} ms)",
-                f"{first * 1e3:.1f} / {per * 1e3:.1f} ms (local.py)")
+                f"{first * 1e3:.1f} / {per * 1e3:.1f} ms (_start.py)")
     if base is not None:
         row("WORKER_BASE_BYTES (idle worker)",
             f"RSS {base['rss'] / MB:.0f} MiB, USS {base['uss'] / MB:.0f} MiB",

@@ -1,4 +1,8 @@
-"""amortune against a plain loop, multiprocessing.Pool, ProcessPoolExecutor and joblib.
+"""The warm benchmark: amortune in a long-lived process against a loop, Pool, PPE and joblib.
+
+This is the **warm** (long-lived process) table: one process runs every measurement, so
+amortune's pool and joblib's executor are started once and reused, as in a server or a notebook.
+For one call per fresh process (a script, a cron job) see ``benchmarks/cold.py``.
 
 Usage::
 
@@ -12,7 +16,8 @@ Contestants run interleaved (round-robin, the order rotated every repeat); times
 the repeats and ratios are medians of per-repeat ratios, so a neighbour's burst of work hits every
 contestant alike. Each contestant is timed as a user writes it: the pool's creation is included
 for ``Pool`` and ``ProcessPoolExecutor``; amortune and joblib reuse their warm workers, as they do
-in a long-running process (the cold first call is reported separately). On CPU-bound rows a
+in a long-running process (the cold first call is reported separately here, and every
+contestant cold in ``benchmarks/cold.py``). On CPU-bound rows a
 yardstick (``ref``: a warm pool, one static chunk per core) and the CPU other processes used show
 what the machine could deliver at that moment.
 """
@@ -220,7 +225,7 @@ def report(rows: list[dict[str, Any]], extra: dict[str, Any], cores: int) -> lis
 
     checks: list[tuple[str, bool]] = []
     if rows:
-        md += ["## Wall time (median seconds)", ""]
+        md += ["## Warm (long-lived process): wall time (median seconds)", ""]
         md += _table(["workload", "items", "ms/item (loop)", *names, "others' load"],
                      [[r["workload"].name, str(r["workload"].n_items),
                        f"{r['seconds']['loop'] / r['workload'].n_items * 1e3:.3g}",
@@ -235,16 +240,19 @@ def report(rows: list[dict[str, Any]], extra: dict[str, Any], cores: int) -> lis
                "(CPU-bound rows only) is a yardstick, not a contestant: a warm fork pool of one "
                "worker per core, one static chunk per worker, i.e. what this machine delivered "
                "for evenly split work at that moment."]
-        md += ["", "## Ratio to the loop (median of per-repeat ratios; lower is better)", ""]
+        md += ["", "## Warm (long-lived process): ratio to the loop (median of per-repeat "
+               "ratios; lower is better)", ""]
         md += _table(["workload", *names[1:]],
                      [[r["workload"].name, *(cell(r, "to_loop", c, ".2f") for c in names[1:])]
                       for r in rows])
-        md += ["", f"## Ratio to the ideal (loop / {cores} usable cores for CPU-bound rows; "
+        md += ["", f"## Warm (long-lived process): ratio to the ideal (loop / {cores} usable "
+               "cores for CPU-bound rows; "
                "the loop itself for tiny, 1 MB and sleep rows)", ""]
         md += _table(["workload", *names[1:]],
                      [[r["workload"].name, *(cell(r, "to_ideal", c, ".2f") for c in names[1:])]
                       for r in rows])
-        md += ["", "## amortune: plan, predicted vs measured speedup, correctness", ""]
+        md += ["", "## Warm (long-lived process): amortune's plan, predicted vs measured "
+               "speedup, correctness", ""]
         body = []
         for r in rows:
             err = (r["predicted"] - r["measured"]) / r["measured"]
@@ -261,7 +269,7 @@ def report(rows: list[dict[str, Any]], extra: dict[str, Any], cores: int) -> lis
     if "cold" in extra:
         c = extra["cold"]
         md += ["", f"## Cold first call (fresh process, {c['n']} items of ~2 ms, median of 3 "
-               "processes)", "",
+               "processes; every contestant cold: benchmarks/cold.py)", "",
                f"First `amortune.execute` in a new process (starts the pool): {c['cold']:.3f} s; "
                f"the same call warm: {c['warm']:.3f} s; the loop: {c['loop']:.3f} s "
                f"(cold costs {c['cold'] - c['warm']:+.3f} s once per process)."]
@@ -276,7 +284,7 @@ def report(rows: list[dict[str, Any]], extra: dict[str, Any], cores: int) -> lis
     if "batches" in extra:
         md += _batches_report(extra["batches"], checks)
     if checks:
-        md += ["", "## Targets", ""]
+        md += ["", "## Targets (warm benchmark)", ""]
         md += _table(["target", "result"], [[t, "pass" if ok else "**FAIL**"] for t, ok in checks])
     return md
 
@@ -367,6 +375,9 @@ def main(argv: list[str] | None = None) -> None:
         command = shlex.join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
         header = [
             "# amortune benchmarks", "",
+            "Warm table: one long-lived process runs every measurement (amortune's pool and "
+            "joblib's executor reused); the cold, fresh-process table comes from "
+            "`benchmarks/cold.py`.", "",
             f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}",
             f"- machine: {system.describe()} ({platform.processor() or platform.machine()})",
             f"- Python {platform.python_version()}, amortune {amortune.__version__}, numpy "

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from amortune.backends.local import _WARM
+from amortune.backends._warm import all_warm_pools
 
 START_METHODS = [m for m in ("fork", "forkserver", "spawn") if m in mp.get_all_start_methods()]
 
@@ -21,7 +21,7 @@ def start_method(request: pytest.FixtureRequest) -> str:
 
 
 def _stray_processes() -> list[psutil.Process]:
-    warm = {pid for pool in list(_WARM.values()) for pid in pool.pids()}
+    warm = {pid for pool in all_warm_pools() for pid in pool.pids()}
     out = []
     for child in psutil.Process().children(recursive=True):
         try:
@@ -46,7 +46,7 @@ def no_leaks(tmp_path_factory: pytest.TempPathFactory):
     deadline = time.monotonic() + 5
     while True:
         stray = _stray_processes()
-        manager_idents = {p._thread.ident for p in list(_WARM.values())}
+        manager_idents = {p._mgr.thread.ident for p in all_warm_pools()}
         threads = [t for t in threading.enumerate()
                    if t.ident not in threads_before and t.ident not in manager_idents and t.is_alive()
                    and not t.name.startswith(("QueueFeederThread", "pydevd", "tqdm_monitor"))]

@@ -313,3 +313,126 @@ def flaky_in_process(x: int) -> int:
         _seen_flaky.add(x)
         raise Flaky(x)
     return x
+
+
+def touch_and_square(folder: str, x: int) -> int:
+    """Leave one marker file per call, so a test can count how often each item ran."""
+    import uuid
+
+    with open(os.path.join(folder, f"{x}.{uuid.uuid4().hex}"), "w"):
+        pass
+    return x * x
+
+
+def nested_plan(n: int) -> tuple[str, tuple[str, ...]]:
+    """Plan a CPU-bound map from inside a worker process."""
+    import amortune
+
+    plan = amortune.optimize(spin, [0.002] * (n // 10))
+    return plan.executor, plan.reasons
+
+
+def worker_pid_of(x: int) -> int:
+    """``worker_pid`` for starmap: one positional argument."""
+    return os.getpid()
+
+
+def square_all(xs: list[int]) -> list[int]:
+    """A per-chunk function: the whole chunk in, one result per item out."""
+    return [x * x for x in xs]
+
+
+def stop_at_5(x: int) -> int:
+    if x == 5:
+        raise StopIteration("a function must not end the map")
+    return x
+
+
+def fail_once_where_3(folder: str, x: int) -> int:
+    """Items x % 10 == 3 fail with Flaky the first time they run, in whatever process."""
+    import uuid
+
+    path = os.path.join(folder, f"{x}.{uuid.uuid4().hex}")
+    first = not any(name.startswith(f"{x}.") for name in os.listdir(folder))
+    with open(path, "w"):
+        pass
+    if x % 10 == 3 and first:
+        raise Flaky(f"item {x} failed once")
+    return x
+
+
+def fail_at_7_until_allowed(folder: str, marks: str, x: int) -> int:
+    import uuid
+
+    with open(os.path.join(marks, f"{x}.{uuid.uuid4().hex}"), "w"):
+        pass
+    if x == 7 and not os.path.exists(os.path.join(folder, "allowed")):
+        raise ValueError("item 7 not yet allowed")
+    return x
+
+
+_INIT: dict[str, int] = {}
+
+
+def set_init(k: int) -> None:
+    _INIT["k"] = k
+
+
+def read_init(x: int) -> int:
+    return x + _INIT["k"]
+
+
+def timed_spin(seconds: float) -> tuple[float, float]:
+    """Spin and return (start, end) on the machine-wide monotonic clock."""
+    t0 = time.perf_counter()
+    spin(seconds)
+    return t0, time.perf_counter()
+
+
+def read_env(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def record_start_fail_at_40(folder: str, x: int) -> int:
+    with open(os.path.join(folder, str(x)), "w") as f:
+        f.write(repr(time.time()))
+    spin(0.002)
+    if x == 40:
+        raise ValueError("item 40 is bad")
+    return x
+
+
+def interrupt_at_5(x: int) -> int:
+    spin(0.005)
+    if x == 5:
+        raise KeyboardInterrupt
+    return x
+
+
+def rising_spin(x: int) -> int:
+    """Cost grows along the input: ~0 at the start, ~6 ms at item 300."""
+    spin(2e-5 * x)
+    return x
+
+
+def blas_threads(x: int) -> int | None:
+    """How many threads the BLAS pool of this worker would use."""
+    from threadpoolctl import threadpool_info
+
+    counts = [i["num_threads"] for i in threadpool_info() if i.get("user_api") == "blas"]
+    return max(counts) if counts else None
+
+
+def slow_first_call(x: int) -> int:
+    """A one-off cost on the first call in each process (an import, a model load)."""
+    if not _INIT.get("loaded"):
+        time.sleep(0.15)
+        _INIT["loaded"] = 1
+    return x
+
+
+def late_spin(x: int) -> int:
+    """Free for the first 150 items, 4 ms each after: a cheap head hides the real cost."""
+    if x >= 150:
+        spin(0.004)
+    return x

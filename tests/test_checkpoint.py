@@ -9,6 +9,7 @@ import json
 import operator
 import os
 import pathlib
+import pickle
 import signal
 import stat
 import subprocess
@@ -33,7 +34,9 @@ from amortune._checkpoint import (
     function_fingerprint,
     input_digest,
 )
-from amortune._spill import SpillError, write_segment_file
+from amortune._files import PrivateDir, canonical_dumps
+from amortune._spill import SpillError, write_segment
+from tests import tasks
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -251,7 +254,7 @@ def test_mismatched_function_or_mode_is_refused(tmp_dir: pathlib.Path) -> None:
     assert isinstance(info.value, ValueError)
     assert "user_mod.f" in message and "other.g" in message and str(path) in message
     assert "delete it" in message
-    with pytest.raises(CheckpointMismatchError, match="code changed"):
+    with pytest.raises(CheckpointMismatchError, match="its code or the values it captures"):
         Checkpoint.open(
             path, fingerprint=function_fingerprint(new), mode="list", function_name="user_mod.f"
         )
@@ -343,7 +346,9 @@ def test_open_deletes_what_an_interrupted_write_left(tmp_dir: pathlib.Path) -> N
     ckpt = Checkpoint.open(path, fingerprint="fp", mode="list")
     ckpt.record_batch(0, 0, 2, input_digest([1, 2]), results=[1, 2])
     ckpt.close()
-    write_segment_file(path, 1, [3, 4])  # written, but the manifest never listed it
+    folder = PrivateDir.open(path)
+    write_segment(folder, 1, [3, 4])  # written, but the manifest never listed it
+    folder.close()
     for leftover in ("seg-00000002.npy.0badc0de.tmp", "manifest.json.12ab34cd.tmp"):
         (path / leftover).write_bytes(b"half")
     (path / "notes.txt").write_text("the user's own file")
@@ -381,10 +386,10 @@ def test_disk_full_while_writing_the_manifest_keeps_the_last_state(
     ckpt.record_batch(0, 0, 1, input_digest([1]), aggregate=1)
     real_replace = os.replace
 
-    def replace(src: Any, dst: Any) -> None:
+    def replace(src: Any, dst: Any, **kw: Any) -> None:
         if str(dst).endswith("manifest.json"):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        real_replace(src, dst)
+        real_replace(src, dst, **kw)
 
     monkeypatch.setattr(os, "replace", replace)
     with pytest.raises(SpillError, match="No space left"):
@@ -419,10 +424,10 @@ def open_(path, flags, mode=0o777, **kw):
     opened[fd] = os.path.basename(path)
     return fd
 
-def replace(src, dst):  # "before_manifest": the batch's file is complete, the manifest is not
+def replace(src, dst, **kw):  # "before_manifest": the batch's file is complete, the manifest not
     if armed and cfg["phase"] == "before_manifest" and str(dst).endswith("manifest.json"):
         die()
-    return real_replace(src, dst)
+    return real_replace(src, dst, **kw)
 
 def write(fd, data):  # "mid_data" / "mid_manifest": half of that file reached the disk
     target = "manifest" if opened.get(fd, "").startswith("manifest.json") else "data"
@@ -507,3 +512,314 @@ def test_a_run_killed_at_any_moment_resumes_from_complete_batches(
                 ckpt.record_batch(k, start, stop, input_digest(items), aggregate=0)
             ckpt.close()
             assert Checkpoint.open(folder, fingerprint="fp", mode=mode).next_start == stop
+
+
+# -- fingerprints cover what the function captures ------------------------------------------------
+
+FACTORY = """
+def make(scale):
+    def f(x):
+        return x * scale
+    return f
+"""
+
+
+def test_fingerprint_covers_closure_cells() -> None:
+    make = make_function(FACTORY, "make")
+    assert function_fingerprint(make(1)) == function_fingerprint(make(1))
+    assert function_fingerprint(make(1)) != function_fingerprint(make(2))
+    assert function_fingerprint(make({"a", "b"})) == function_fingerprint(make({"b", "a"}))
+
+
+@pytest.mark.parametrize(
+    ("source", "change"),
+    [
+        ("def f(x, scale=1):\n    return x * scale\n", ("scale=1", "scale=2")),
+        ("def f(x, *, scale=1):\n    return x * scale\n", ("scale=1", "scale=2")),
+        ("SCALE = 1\ndef f(x):\n    return x * SCALE\n", ("SCALE = 1", "SCALE = 2")),
+        ("CFG = {'k': [1]}\ndef f(x):\n    return CFG['k'][0] * x\n", ("[1]", "[2]")),
+        ("def helper(x):\n    return x + 1\ndef f(x):\n    return helper(x)\n",
+         ("x + 1", "x + 2")),
+        ("def f(x):\n    def g(y):\n        return y * LIMIT\n    return g(x)\nLIMIT = 3\n",
+         ("LIMIT = 3", "LIMIT = 4")),
+    ],
+    ids=["default", "kwdefault", "global", "global-dict", "helper", "global-in-nested"],
+)
+def test_fingerprint_covers_defaults_globals_and_helpers(
+    source: str, change: tuple[str, str]
+) -> None:
+    same, other = make_function(source), make_function(source.replace(*change))
+    assert function_fingerprint(make_function(source)) == function_fingerprint(same)
+    assert function_fingerprint(same) != function_fingerprint(other)
+
+
+def test_fingerprint_covers_bound_methods_and_recursion() -> None:
+    model = make_function(
+        "class Model:\n    def __init__(self, k):\n        self.k = k\n"
+        "    def predict(self, x):\n        return x * self.k\n",
+        name="Model",
+    )
+    assert function_fingerprint(model(2).predict) == function_fingerprint(model(2).predict)
+    assert function_fingerprint(model(2).predict) != function_fingerprint(model(3).predict)
+    fact = make_function("def fact(n):\n    return 1 if n < 2 else n * fact(n - 1)\n", "fact")
+    assert len(function_fingerprint(fact)) == 64  # a function naming itself terminates
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    a=st.recursive(st.none() | st.integers() | st.text(max_size=4) | st.booleans(),
+                   lambda inner: st.lists(inner, max_size=3) | st.frozensets(st.text(max_size=3))
+                   | st.dictionaries(st.text(max_size=3), inner, max_size=3), max_leaves=6),
+    b=st.integers() | st.text(max_size=4) | st.frozensets(st.text(max_size=3), max_size=4),
+)
+def test_closures_fingerprint_alike_exactly_when_their_values_pickle_alike(a: Any, b: Any) -> None:
+    make = make_function(FACTORY, "make")
+    same_bytes = canonical_dumps(a) == canonical_dumps(b)
+    assert (function_fingerprint(make(a)) == function_fingerprint(make(b))) == same_bytes
+
+
+def test_a_changed_closure_is_refused_at_resume(tmp_dir: pathlib.Path) -> None:
+    make = make_function(FACTORY, "make")
+    path = tmp_dir / "run.ckpt"
+    with Checkpoint.open(path, fingerprint=function_fingerprint(make(1)), mode="list",
+                         function_name=describe_function(make(1))) as ckpt:
+        ckpt.record_batch(0, 0, 1, input_digest([1]), results=[1])
+    with Checkpoint.open(path, fingerprint=function_fingerprint(make(1)), mode="list",
+                         function_name=describe_function(make(1))) as again:
+        assert again.next_start == 1
+    with pytest.raises(CheckpointMismatchError, match="the values it captures") as info:
+        Checkpoint.open(path, fingerprint=function_fingerprint(make(2)), mode="list",
+                        function_name=describe_function(make(2)))
+    assert "user_mod.make.<locals>.f" in str(info.value)
+
+
+def test_fingerprints_of_captures_are_stable_across_processes() -> None:
+    source = (
+        "import os\nWORDS = {'alpha', 'beta', 'gamma', 'delta'}\n"
+        "TABLE = {'k': frozenset({'x', 'y', 'z'}), 'n': [1, 2.5]}\n"
+        "def helper(x):\n    return x in WORDS and os.sep\n"
+        "def make(tags):\n"
+        "    def f(x, extra={'p', 'q', 'r'}, *, more=frozenset({'s', 't'})):\n"
+        "        return helper(x) or x in tags or x in TABLE or x in extra or x in more\n"
+        "    return f\n"
+    )
+    code = (
+        "import sys\nfrom amortune._checkpoint import function_fingerprint\n"
+        f"ns = {{'__name__': 'user_mod'}}\nexec({source!r}, ns)\n"
+        "print(function_fingerprint(ns['make']({'u', 'v', 'w', 'uu', 'vv'})))\n"
+    )
+    outputs = set()
+    for seed in ("1", "2", "3"):
+        proc = run_python(code, hash_seed=seed)
+        assert proc.returncode == 0, proc.stderr
+        outputs.add(proc.stdout.strip())
+    assert len(outputs) == 1
+    make = make_function(source, "make")
+    assert outputs.pop() == function_fingerprint(make({"u", "v", "w", "uu", "vv"}))
+
+
+# -- input digests do not depend on the hash seed -------------------------------------------------
+
+SET_ITEMS = (
+    "[{'alpha', 'beta', 'gamma', 'delta', 'eps'}, frozenset({'x', 'y', 'zz'}), "
+    "{'k': {'a', 'b', 'c'}, 'n': [{('p', 1), ('q', 2)}]}, ({frozenset({'m', 'n'}), 'o'},)]"
+)
+
+
+def test_input_digest_of_sets_is_the_same_in_every_process() -> None:
+    code = f"from amortune._checkpoint import input_digest\nprint(input_digest({SET_ITEMS}))\n"
+    outputs = set()
+    for seed in ("1", "2", "3", "4"):
+        proc = run_python(code, hash_seed=seed)
+        assert proc.returncode == 0, proc.stderr
+        outputs.add(proc.stdout.strip())
+    assert outputs == {input_digest(eval(SET_ITEMS))}
+
+
+def _rebuilt(value: Any, salt: list[str]) -> Any:
+    """An equal value whose sets were built with another history (so may iterate otherwise)."""
+    if isinstance(value, (set, frozenset)):
+        elements = [_rebuilt(v, salt) for v in reversed(sorted(value, key=repr))]
+        built = set(salt) | set(elements)
+        built -= set(salt) - set(elements)
+        return type(value)(built)
+    if isinstance(value, list):
+        return [_rebuilt(v, salt) for v in value]
+    if isinstance(value, dict):
+        return {k: _rebuilt(v, salt) for k, v in value.items()}
+    return value
+
+
+def _nested(inner: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    return st.one_of(
+        st.sets(st.text(max_size=6), max_size=12),
+        st.frozensets(st.text(max_size=6) | st.integers(), max_size=12),
+        st.lists(inner, max_size=3),
+        st.dictionaries(st.text(max_size=3), inner, max_size=3),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    items=st.lists(st.recursive(st.text(max_size=6) | st.integers(), _nested, max_leaves=10),
+                   max_size=4),
+    salt=st.lists(st.text(min_size=1, max_size=6), max_size=40),
+)
+def test_input_digest_ignores_how_sets_were_built(items: list[Any], salt: list[str]) -> None:
+    assert input_digest(items) == input_digest(_rebuilt(items, salt))
+
+
+RESUME_WITH_SETS = """
+import json, sys
+import amortune
+from tests import tasks
+data = [{"tag-%d" % i, "x", "y", "zeta", "omega"} for i in range(12)]
+out = amortune.process_in_batches(tasks.identity, data, batch_size=4, checkpoint=sys.argv[1],
+                                  executor="serial")
+print(json.dumps(sorted(sorted(s) for s in out) == sorted(sorted(s) for s in data)))
+"""
+
+
+def test_a_checkpoint_of_sets_of_strings_resumes_in_another_process(tmp_dir: pathlib.Path) -> None:
+    path = tmp_dir / "run.ckpt"
+    for seed in ("1", "2"):
+        proc = run_python(RESUME_WITH_SETS, str(path), hash_seed=seed)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.strip() == "true"
+    with Checkpoint.open(path, fingerprint=function_fingerprint(tasks.identity),
+                         mode="list") as ckpt:
+        assert ckpt.next_start == 12
+
+
+def test_an_input_mismatch_does_not_claim_the_input_changed(tmp_dir: pathlib.Path) -> None:
+    with Checkpoint.open(tmp_dir / "c", fingerprint="fp", mode="list") as ckpt:
+        ckpt.record_batch(0, 0, 1, input_digest([1]), results=[1])
+        with pytest.raises(CheckpointMismatchError) as info:
+            ckpt.verify_batch(0, 0, 1, input_digest([2]))
+    assert "or its items do not pickle to the same bytes in every run" in str(info.value)
+
+
+def test_a_checkpoint_of_the_first_format_still_resumes(tmp_dir: pathlib.Path) -> None:
+    path = tmp_dir / "c"
+    fp = function_fingerprint(tasks.square)  # captures nothing: the same in both formats
+    with Checkpoint.open(path, fingerprint=fp, mode="list", function_name="tests.tasks.square") as c:
+        c.record_batch(0, 0, 2, input_digest([1, 2]), results=[{"a": 1}, {"b": 2}])
+    old_segment = pickle.dumps([{"a": 1}, {"b": 2}], protocol=5)  # format 1: the whole list
+    (path / "seg-00000000.pkl").write_bytes(old_segment)
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["version"] = 1
+    manifest["batches"][0]["nbytes"] = len(old_segment)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with Checkpoint.open(path, fingerprint=fp, mode="list", function_name="tests.tasks.square") as c:
+        c.verify_batch(0, 0, 2, input_digest([1, 2]))
+        results = c.results()
+        results[0]["a"] = 9
+        assert list(results) == [{"a": 1}, {"b": 2}]
+        results.close()
+        c.record_batch(1, 2, 3, input_digest([3]), results=[{"c": 3}])
+        assert list(c.results()) == [{"a": 1}, {"b": 2}, {"c": 3}]
+    assert json.loads((path / "manifest.json").read_text())["version"] == 2
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["version"] = 1
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointMismatchError, match="format 1 checkpoints did not"):
+        Checkpoint.open(path, fingerprint=function_fingerprint(make_function(FACTORY, "make")(1)),
+                        mode="list", function_name="tests.tasks.square")
+
+
+# -- damaged and unusable checkpoints ------------------------------------------------------------
+
+
+def test_a_truncated_segment_is_a_checkpoint_error_naming_the_file(tmp_dir: pathlib.Path) -> None:
+    path = tmp_dir / "c"
+    with Checkpoint.open(path, fingerprint="fp", mode="list") as ckpt:
+        ckpt.record_batch(0, 0, 2, input_digest([1, 2]), results=[{"a": 1}, {"b": 2}])
+        ckpt.record_batch(1, 2, 3, input_digest([3]), results=[np.arange(3.0)])
+        results = ckpt.results()
+        for name in ("seg-00000000.pkl", "seg-00000001.npy"):
+            intact = (path / name).read_bytes()
+            os.truncate(path / name, len(intact) - 3)
+            with pytest.raises(CheckpointError, match="cannot be read back") as info:
+                list(results)
+            assert str(path / name) in str(info.value)
+            os.truncate(path / name, len(intact))  # the recorded size again, but a zero tail
+            if name.endswith(".pkl"):
+                with pytest.raises(CheckpointError, match=str(path / name)):
+                    list(results)
+            (path / name).write_bytes(intact)
+            results._cache.clear()
+        assert len(list(results)) == 3
+        results.close()
+    os.truncate(path / "seg-00000000.pkl", 10)
+    with pytest.raises(CheckpointError, match="truncated") as info:
+        Checkpoint.open(path, fingerprint="fp", mode="list")
+    assert str(path / "seg-00000000.pkl") in str(info.value)
+
+
+def test_a_damaged_aggregate_is_a_checkpoint_error_naming_the_file(tmp_dir: pathlib.Path) -> None:
+    path = tmp_dir / "r"
+    with Checkpoint.open(path, fingerprint="fp", mode="reduce") as ckpt:
+        ckpt.record_batch(0, 0, 1, input_digest([1]), aggregate={"sum": 1})
+        os.truncate(path / "aggregate-00000000.pkl", 5)
+        with pytest.raises(CheckpointError, match="aggregate-00000000.pkl"):
+            ckpt.aggregate()
+
+
+UNUSABLE_FOLDERS = """
+import json, os, sys
+import amortune._checkpoint as c
+import amortune._spill as s
+os.setgid(65534)
+os.setuid(65534)  # everything is imported: drop root, whose writes ignore the mode bits
+base, out = sys.argv[1], {}
+
+def attempt(key, target, call):
+    try:
+        call()
+        out[key] = "opened"
+    except Exception as exc:
+        out[key] = [type(exc).__name__, isinstance(exc, PermissionError), str(exc), target]
+
+for mode in (0o500, 0o000, 0o300):
+    path, spill = os.path.join(base, "c%o" % mode), os.path.join(base, "s%o" % mode)
+    ckpt = c.Checkpoint.open(path, fingerprint="fp", mode="list")
+    ckpt.record_batch(0, 0, 1, c.input_digest([1]), results=[1])
+    ckpt.close()
+    os.mkdir(spill, 0o700)
+    for target in (path, spill):
+        os.chmod(target, mode)
+    attempt("ckpt %o" % mode, path,
+            lambda: c.Checkpoint.open(path, fingerprint="fp", mode="list").close())
+    attempt("spill %o" % mode, spill, lambda: s.SpillStore(spill).close())
+    for target in (path, spill):
+        os.chmod(target, 0o700)
+lock = os.path.join(base, "c500", ".lock")
+os.chmod(lock, 0)
+attempt("lock 0", lock, lambda: c.Checkpoint.open(os.path.dirname(lock), fingerprint="fp",
+                                                  mode="list").close())
+store = s.SpillStore(os.path.join(base, "s500"))
+store.write_segment(0, [1])
+segment = os.path.join(base, "s500", "seg-00000000.pkl")
+os.chmod(segment, 0)
+attempt("segment 0", segment, lambda: store.results()[0])
+store.close()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0,
+                    reason="drops root to an unprivileged user")
+def test_a_folder_or_file_the_user_cannot_use_fails_at_open(tmp_dir: pathlib.Path) -> None:
+    os.chown(tmp_dir, 65534, 65534)
+    proc = run_python(UNUSABLE_FOLDERS, str(tmp_dir))
+    assert proc.returncode == 0, proc.stderr
+    outcome = json.loads(proc.stdout)
+    assert len(outcome) == 8
+    expected = {"ckpt": "CheckpointPermissionError", "lock": "CheckpointPermissionError",
+                "spill": "SpillPermissionError", "segment": "SpillPermissionError"}
+    for key, got in outcome.items():
+        assert got != "opened", key
+        name, is_permission, message, target = got
+        assert name == expected[key.split()[0]] and is_permission, (key, message)
+        assert target in message and "by the current user" in message, (key, message)
+        assert "chmod u+rw" in message, (key, message)

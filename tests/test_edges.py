@@ -85,8 +85,8 @@ def test_pool_inside_a_daemonic_process_raises_clearly():
 def test_a_failed_worker_start_is_retried_not_hung():
     script = textwrap.dedent("""
         import multiprocessing.context as ctxmod
-        from amortune.backends import local
-        from amortune.backends._base import FunctionRef
+        from amortune.backends import processes
+        from amortune.backends._base import ChunkTask, FunctionRef
         calls = []
         orig = ctxmod.ForkServerProcess.start
         def flaky_start(self):
@@ -96,8 +96,8 @@ def test_a_failed_worker_start_is_retried_not_hung():
             return orig(self)
         if __name__ == "__main__":
             ctxmod.ForkServerProcess.start = flaky_start
-            be = local.ProcessBackend(1, start_method="forkserver")
-            fut = be.submit(FunctionRef(abs), [-1, -2], 0)
+            be = processes.ProcessBackend(1, start_method="forkserver")
+            fut = be.submit(ChunkTask(FunctionRef(abs), [-1, -2], 0))
             print(fut.result(timeout=30).results, len(calls))
             be.shutdown(wait=True, kill=True)
     """)
@@ -144,8 +144,14 @@ def test_progress_callback_completes_on_empty_input():
     assert seen[-1] == ("execute", 1.0)
 
 
-def test_daemon_flag_is_what_nested_detection_reads():
-    assert mp.current_process().daemon is False
+def test_a_plan_made_inside_a_worker_stays_in_that_worker():
+    """Nested detection reads the worker's daemon flag: the inner plan is serial, and says why."""
+    with amortune.Pool(1) as pool:
+        executor, reasons = pool.apply(tasks.nested_plan, (2000,))
+    assert executor == "serial"
+    assert any("inside a worker process" in r for r in reasons), reasons
+    outer = amortune.optimize(tasks.spin, [0.002] * 200)
+    assert not any("inside a worker process" in r for r in outer.reasons)
 
 
 def test_more_functions_than_a_worker_caches_are_resent_when_needed():
@@ -183,14 +189,14 @@ def test_sample_in_caller_false_keeps_a_crashing_function_out_of_the_caller():
 def test_a_task_queued_behind_a_crashing_one_runs_again_elsewhere():
     """Small tasks wait in a worker's pipe behind the running one; a crash must not lose them."""
     from amortune._errors import WorkerCrashedError
-    from amortune.backends._base import FunctionRef
-    from amortune.backends.local import ProcessBackend
+    from amortune.backends._base import ChunkTask, FunctionRef
+    from amortune.backends.processes import ProcessBackend
 
     backend = ProcessBackend(1, start_method="forkserver")
     try:
-        assert backend.submit(FunctionRef(tasks.square), [1], 0).result(timeout=60).results == [1]
-        crash = backend.submit(FunctionRef(tasks.kill_self), [5], 5)
-        queued = [backend.submit(FunctionRef(tasks.square), [i], i) for i in range(3)]
+        assert backend.submit(ChunkTask(FunctionRef(tasks.square), [1], 0)).result(timeout=60).results == [1]
+        crash = backend.submit(ChunkTask(FunctionRef(tasks.kill_self), [5], 5))
+        queued = [backend.submit(ChunkTask(FunctionRef(tasks.square), [i], i)) for i in range(3)]
         with pytest.raises(WorkerCrashedError) as info:
             crash.result(timeout=60)
         assert info.value.indices == (5,)
@@ -200,12 +206,12 @@ def test_a_task_queued_behind_a_crashing_one_runs_again_elsewhere():
 
 
 def test_a_worker_past_its_memory_limit_leaves_before_a_queued_task():
-    from amortune.backends._base import FunctionRef
-    from amortune.backends.local import ProcessBackend
+    from amortune.backends._base import ChunkTask, FunctionRef
+    from amortune.backends.processes import ProcessBackend
 
     backend = ProcessBackend(1, start_method="forkserver", memory_growth_bytes=8 << 20)
     try:
-        futs = [backend.submit(FunctionRef(tasks.leak_mb), [(16, i)], i) for i in range(4)]
+        futs = [backend.submit(ChunkTask(FunctionRef(tasks.leak_mb), [(16, i)], i)) for i in range(4)]
         held = [f.result(timeout=60).results[0][1] for f in futs]
         assert held == [1, 1, 1, 1]  # every task ran in a fresh worker
     finally:

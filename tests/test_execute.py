@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import os
 import time
@@ -119,7 +120,7 @@ def test_unpicklable_function_runs_serially_with_warning():
 
 
 def test_pool_is_reused_between_calls():
-    from amortune.backends.local import peek_warm_pool
+    from amortune.backends._warm import peek_warm_pool
 
     amortune.execute(tasks.spin, [0.002] * 60, executor="processes", n_jobs=2)
     pool = peek_warm_pool(Config().start_method)
@@ -154,25 +155,46 @@ def test_progress_bar_counts_every_item():
 def test_invalid_arguments():
     with pytest.raises(ValueError, match="n_jobs"):
         amortune.execute(tasks.square, range(3), n_jobs=0)
-    with pytest.raises(ValueError, match="executor"):
-        amortune.execute(tasks.square, range(3), executor="gpu")
+    with pytest.raises(ValueError, match="unknown backend 'nope'"):
+        amortune.execute(tasks.square, range(3), executor="nope")
+    with pytest.raises(TypeError, match="backend must be"):
+        amortune.execute(tasks.square, range(3), backend=object())
     with pytest.raises(TypeError, match="callable"):
         amortune.execute(42, range(3))
 
 
 def test_endless_generator_stays_bounded():
-    """Only a bounded number of items is read ahead of the results consumed."""
-    from amortune._batches import stream_results  # noqa: F401  (engine entry point exists)
-
-    counter = itertools.count()
+    """An endless input is read only a bounded way ahead of what the consumer took."""
     taken = []
 
     def gen():
-        for i in counter:
+        for i in itertools.count():
             taken.append(i)
-            if i == 5000:
-                return
             yield i
 
-    assert amortune.execute(tasks.square, gen(), executor="processes", config=FAST) == [
-        i * i for i in range(5000)]
+    stream = amortune.imap(tasks.square, gen(), backend="processes", config=FAST)
+    got = list(itertools.islice(stream, 3000))
+    stream.close()
+    assert got == [i * i for i in range(3000)]
+    # Read-ahead to learn the length (4096 items at most) plus the bounded window of chunks.
+    assert len(taken) < 3000 + 4096 + 100_000, len(taken)
+
+
+def test_execute_runs_a_plan_without_sampling_again(tmp_path):
+    marks = tmp_path / "calls"
+    marks.mkdir()
+
+    plan = amortune.optimize(functools.partial(tasks.touch_and_square, str(marks)), range(50))
+    sampled = len(list(marks.iterdir()))
+    assert sampled >= 1
+    got = amortune.execute(functools.partial(tasks.touch_and_square, str(marks)), plan.data,
+                           plan=plan)
+    assert got == [i * i for i in range(50)]
+    assert sorted(int(p.name.split(".")[0]) for p in marks.iterdir()) == list(range(50))
+
+
+@pytest.mark.parametrize("n_jobs", [-1, -2])
+def test_negative_n_jobs_count_from_the_usable_cores(n_jobs):
+    plan = amortune.optimize(tasks.spin, [0.002] * 200, n_jobs=n_jobs, executor="processes")
+    cores = amortune.probe_system().usable_cores
+    assert plan.n_jobs == max(1, cores + 1 + n_jobs)

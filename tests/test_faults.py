@@ -11,6 +11,7 @@ design gives Ctrl-C and a dead caller to take every worker down.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import re
@@ -25,7 +26,6 @@ from concurrent.futures import Future
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import psutil
 import pytest
@@ -33,11 +33,20 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import amortune
-from amortune import Config, NotPicklableError, WorkerCrashedError, _schedule
+from amortune import Config, NotPicklableError, WorkerCrashedError
 from amortune._errors import RemoteTraceback, TaskTimeoutError
-from amortune._schedule import ChunkPolicy, RunStats, run_chunks
-from amortune.backends._base import Backend, ChunkOutcome, FunctionRef
-from amortune.backends.local import ProcessBackend, peek_warm_pool
+from amortune._schedule import ChunkPolicy, Scheduler
+from amortune.backends._base import (
+    Backend,
+    BackendInfo,
+    ChunkOutcome,
+    ChunkTask,
+    FunctionRef,
+    Slot,
+    WorkerSetup,
+)
+from amortune.backends._warm import peek_warm_pool
+from amortune.backends.processes import ProcessBackend
 from tests import tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +63,9 @@ PROLOGUE = """\
 import json, os, sys, tempfile, threading, time
 import amortune
 from amortune import Config
-from amortune.backends.local import ProcessBackend, peek_warm_pool
+from amortune.backends._base import ChunkTask, FunctionRef
+from amortune.backends._warm import peek_warm_pool
+from amortune.backends.processes import ProcessBackend
 from tests import tasks
 """
 
@@ -225,34 +236,48 @@ def test_retry_on_transient_error(tmp_path: Path) -> None:
                          retries=1, config=cfg)
 
 
-# -- run_chunks against a scripted backend: every retry decision, no processes ------------------
+# -- the scheduler against a scripted backend: every retry decision, no processes ---------------
 
 
 class ScriptedBackend(Backend):
-    """Runs chunks in the caller; a chunk containing item k fails ``fails[k]`` times first."""
+    """Runs chunks in the caller; item k fails ``fails[k]`` times first.
 
-    kind = "scripted"
+    A crash or a timeout loses the whole chunk (the future fails); ``func``'s own errors come
+    back in the outcome with the results before the failing item, as real backends send them.
+    """
+
+    name = "scripted"
 
     def __init__(self, fails: dict[int, tuple[str, int]]) -> None:
         self.left = {k: n for k, (_, n) in fails.items()}
         self.how = {k: how for k, (how, _) in fails.items()}
-        self.chunks: dict[int, int] = {}  # start -> length, every chunk ever submitted
+        self.ran: collections.Counter[int] = collections.Counter()  # successful runs per item
+        self.failed: collections.Counter[int] = collections.Counter()
 
-    def capacity(self) -> int:
-        return 3
+    def info(self) -> BackendInfo:
+        return BackendInfo(self.name, tuple(Slot(i) for i in range(3)), ready_slots=3)
 
-    def submit(self, fn: FunctionRef, items: list[Any], start: int, *, mode: str = "map",
-               timeout_seconds: float | None = None) -> Future[ChunkOutcome]:
-        self.chunks[start] = len(items)
+    def submit(self, task: ChunkTask) -> Future[ChunkOutcome]:
         fut: Future[ChunkOutcome] = Future()
-        inside = [k for k in range(start, start + len(items)) if k in self.how]
-        hit = [k for k in inside if self.left[k] > 0]
-        if hit:  # each attempt fails the way the chunk's first faulty item does
-            for k in hit:
+        lost = [k for k in task.indices if self.how.get(k) in ("crash", "timeout")
+                and self.left[k] > 0]
+        if lost:
+            for k in lost:
                 self.left[k] -= 1
-            fut.set_exception(make_error(self.how[inside[0]], start, len(items)))
-        else:
-            fut.set_result(ChunkOutcome([fn.func(x) for x in items], 0.001, 0.001, 0))
+                self.failed[k] += 1
+            fut.set_exception(make_error(self.how[lost[0]], task.start, len(task.items)))
+            return fut
+        results = []
+        for k, x in zip(task.indices, task.items, strict=True):
+            if self.how.get(k) in ("transient", "bad") and self.left[k] > 0:
+                self.left[k] -= 1
+                self.failed[k] += 1
+                fut.set_result(ChunkOutcome(results, 0.001, 0.001,
+                                            error=make_error(self.how[k], k, 1)))
+                return fut
+            self.ran[k] += 1
+            results.append(x * x)
+        fut.set_result(ChunkOutcome(results, 0.001, 0.001))
         return fut
 
     def shutdown(self, wait: bool = True, *, kill: bool = False) -> None:
@@ -270,46 +295,66 @@ def make_error(how: str, start: int, n: int) -> BaseException:
     return ValueError("permanent")
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(n=st.integers(0, 60), chunksize=st.integers(1, 7), retries=st.integers(0, 2),
-       fails=st.dictionaries(st.integers(0, 59),
-                             st.tuples(st.sampled_from(["crash", "timeout", "transient", "bad"]),
-                                       st.integers(1, 2)), max_size=4))
-def test_run_chunks_retries_exactly_what_it_may(n: int, chunksize: int, retries: int,
-                                                fails: dict[int, tuple[str, int]]) -> None:
-    fails = {k: v for k, v in fails.items() if k < n}
-    backend = ScriptedBackend(fails)
-    stats = RunStats()
+FAILS = st.dictionaries(st.integers(0, 59), st.tuples(
+    st.sampled_from(["crash", "timeout", "transient", "bad"]), st.integers(1, 3)), max_size=5)
+
+
+def _drive(backend: Backend, n: int, chunksize: int, retries: int) -> tuple[list[int], Any]:
     got: list[int] = []
     error: BaseException | None = None
-    runs = run_chunks(backend, FunctionRef(tasks.square), iter(range(n)), start_index=0,
-                      policy=ChunkPolicy(chunksize, 3, 1.0, max_size=chunksize), n_remaining=n,
-                      retries=retries, retry_on=(tasks.Flaky,), stats=stats)
+    sched = Scheduler(backend, FunctionRef(tasks.square),
+                      policy=ChunkPolicy(chunksize, 3, 1.0, max_size=chunksize),
+                      retries=retries, retry_on=(tasks.Flaky,), retry_backoff_seconds=0.0)
     try:
-        with mock.patch.object(_schedule, "RETRY_BACKOFF_SECONDS", 0.0001):
-            for part in runs:
-                got.extend(part)
+        for part in sched.run(iter(range(n)), n_remaining=n):
+            got.extend(part)
     except (WorkerCrashedError, TaskTimeoutError, tasks.Flaky, ValueError) as exc:
         error = exc
-    # The oracle: a chunk fails as often as the most stubborn item in it, and it is fatal when
-    # that is more than `retries` or the error is not retryable.
-    fatal = None
-    failures = 0
-    for start in sorted(backend.chunks):
-        inside = [fails[k] for k in range(start, start + backend.chunks[start]) if k in fails]
-        if inside:
-            how, times = inside[0][0], max(c for _, c in inside)
-            if how == "bad" or times > retries:
-                fatal = (start, how)
-                break
-            failures += times
-    if fatal is None:
+    return got, error
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(0, 60), chunksize=st.integers(1, 7), retries=st.integers(0, 3), fails=FAILS)
+def test_retries_are_per_item_and_results_stay_in_order(n: int, chunksize: int, retries: int,
+                                                       fails: dict[int, tuple[str, int]]) -> None:
+    fails = {k: v for k, v in fails.items() if k < n}
+    backend = ScriptedBackend(fails)
+    got, error = _drive(backend, n, chunksize, retries)
+    assert got == [x * x for x in range(len(got))]  # a prefix, in order, whatever failed
+    if error is None:
+        assert len(got) == n
+    else:
+        index = getattr(error, "amortune_index", None)
+        assert index is None or index >= len(got)
+    lost_ones = {k for k, (how, _) in fails.items() if how in ("crash", "timeout")}
+    for k in range(n):
+        if k in fails and fails[k][0] in ("transient", "bad"):
+            # A failing item is retried on its own: it fails at most retries + 1 times (once if
+            # not retryable), and never makes the items around it run again.
+            limit = 1 if fails[k][0] == "bad" else retries + 1
+            assert backend.failed[k] <= min(fails[k][1], limit)
+    if not lost_ones:
+        assert all(c == 1 for c in backend.ran.values()), backend.ran  # nothing ran twice
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(n=st.integers(1, 60), chunksize=st.integers(1, 7), retries=st.integers(0, 3),
+       flaky=st.dictionaries(st.integers(0, 59), st.integers(1, 4), max_size=6))
+def test_transient_items_are_retried_alone_up_to_retries(n: int, chunksize: int, retries: int,
+                                                         flaky: dict[int, int]) -> None:
+    fails = {k: ("transient", c) for k, c in flaky.items() if k < n}
+    backend = ScriptedBackend(fails)
+    got, error = _drive(backend, n, chunksize, retries)
+    fatal = sorted(k for k, (_, c) in fails.items() if c > retries)
+    if not fatal:
         assert error is None and got == [x * x for x in range(n)]
-        assert stats.retries == failures
-        return
-    start, how = fatal
-    assert error is not None and got == [x * x for x in range(start)]
-    assert type(error) is type(make_error(how, 0, 1))
+    else:
+        assert isinstance(error, tasks.Flaky) and got == [x * x for x in range(fatal[0])]
+        assert error.amortune_index == fatal[0]  # type: ignore[attr-defined]
+    for k, (_, c) in fails.items():
+        if not fatal or k < fatal[0]:
+            assert backend.failed[k] == min(c, retries + 1)
+    assert all(c == 1 for c in backend.ran.values())  # items that succeeded ran once
 
 
 # -- Ctrl-C and a killed caller: no orphans -------------------------------------------------------
@@ -396,7 +441,7 @@ def test_exit_does_not_wait_for_abandoned_work() -> None:
         cfg = Config(sample_items=2, sample_seconds=0.001)
         amortune.execute(tasks.square, range(40), executor="processes", n_jobs=2, config=cfg)
         pool = peek_warm_pool(cfg.start_method)
-        pool.submit(FunctionRef(tasks.sleep_forever_at_3), [3], 3)
+        pool.submit(ChunkTask(FunctionRef(tasks.sleep_forever_at_3), [3], 3))
         time.sleep(0.2)
         print(json.dumps(pool.pids()))
     """, timeout=30)
@@ -441,10 +486,10 @@ def test_unpicklable_function_fails_its_future_not_the_pool() -> None:
     lock = threading.Lock()
     backend = ProcessBackend(1, start_method="fork")
     try:
-        fut = backend.submit(FunctionRef(lambda x: (lock, x)), [1], 0)
+        fut = backend.submit(ChunkTask(FunctionRef(lambda x: (lock, x)), [1], 0))
         with pytest.raises(NotPicklableError, match="cannot be pickled"):
             fut.result(timeout=30)
-        assert backend.submit(FunctionRef(tasks.square), [3], 0).result(timeout=30).results == [9]
+        assert backend.submit(ChunkTask(FunctionRef(tasks.square), [3], 0)).result(timeout=30).results == [9]
     finally:
         backend.shutdown(wait=True, kill=True)
 
@@ -465,7 +510,7 @@ def test_without_a_limit_the_same_worker_keeps_its_memory() -> None:
     # The control for the test above: the leak is real and visible when nothing recycles.
     backend = ProcessBackend(1, start_method="forkserver", memory_growth_bytes=None)
     try:
-        held = [backend.submit(FunctionRef(tasks.leak_mb), [(4, i)], i).result(timeout=30).results[0]
+        held = [backend.submit(ChunkTask(FunctionRef(tasks.leak_mb), [(4, i)], i)).result(timeout=30).results[0]
                 for i in range(3)]
     finally:
         backend.shutdown(wait=True, kill=True)
@@ -483,7 +528,7 @@ def test_second_execute_reuses_the_warm_workers(start_method: str) -> None:
     assert pool is not None
     pids = sorted(pool.pids())
     # What the model is told for the next call: workers are warm, so start-up costs nothing.
-    assert _costs(cfg, probe_system(cfg)).warm_workers >= 2
+    assert _costs(cfg, probe_system(cfg), None).warm_workers >= 2
     assert amortune.execute(tasks.spin, data, executor="processes", n_jobs=2, config=cfg) == data
     assert peek_warm_pool(start_method) is pool
     assert sorted(pool.pids()) == pids
@@ -497,10 +542,10 @@ def test_cancelled_pending_tasks_do_not_stall_later_ones() -> None:
     # cancelled ones must still hand the last one to the worker.
     backend = ProcessBackend(1, start_method="fork")
     try:
-        busy = backend.submit(FunctionRef(tasks.sleep_then_return), [0.5], 0)
-        queued = [backend.submit(FunctionRef(tasks.square), [i], i) for i in range(5)]
+        busy = backend.submit(ChunkTask(FunctionRef(tasks.sleep_then_return), [0.5], 0))
+        queued = [backend.submit(ChunkTask(FunctionRef(tasks.square), [i], i)) for i in range(5)]
         assert all(f.cancel() for f in queued)
-        last = backend.submit(FunctionRef(tasks.square), [7], 7)
+        last = backend.submit(ChunkTask(FunctionRef(tasks.square), [7], 7))
         assert last.result(timeout=30).results == [49]
         assert busy.result(timeout=30).results == [0.5]
     finally:
@@ -510,7 +555,7 @@ def test_cancelled_pending_tasks_do_not_stall_later_ones() -> None:
 def test_max_tasks_per_child_is_never_reported_as_a_crash() -> None:
     backend = ProcessBackend(2, start_method="fork", max_tasks_per_child=1)
     try:
-        futs = [backend.submit(FunctionRef(tasks.worker_pid), [i], i) for i in range(16)]
+        futs = [backend.submit(ChunkTask(FunctionRef(tasks.worker_pid), [i], i)) for i in range(16)]
         pids = [f.result(timeout=60).results[0] for f in futs]
     finally:
         backend.shutdown(wait=True, kill=True)
@@ -518,14 +563,14 @@ def test_max_tasks_per_child_is_never_reported_as_a_crash() -> None:
 
 
 def test_initializer_errors_fail_the_work_not_hang_it() -> None:
-    raising = ProcessBackend(2, start_method="fork", initializer=tasks.init_raises)
-    exiting = ProcessBackend(2, start_method="fork", initializer=tasks.init_exits)
+    raising = ProcessBackend(2, start_method="fork", setup=WorkerSetup(tasks.init_raises))
+    exiting = ProcessBackend(2, start_method="fork", setup=WorkerSetup(tasks.init_exits))
     try:
         with pytest.raises(ValueError, match="init failed") as info:
-            raising.submit(FunctionRef(tasks.square), [1], 0).result(timeout=30)
+            raising.submit(ChunkTask(FunctionRef(tasks.square), [1], 0)).result(timeout=30)
         assert isinstance(info.value.__cause__, RemoteTraceback)
         with pytest.raises(WorkerCrashedError, match="exit code 7 before it was ready"):
-            exiting.submit(FunctionRef(tasks.square), [1], 0).result(timeout=30)
+            exiting.submit(ChunkTask(FunctionRef(tasks.square), [1], 0)).result(timeout=30)
         assert not raising.alive and not exiting.alive
     finally:
         raising.shutdown(wait=True, kill=True)
@@ -543,10 +588,10 @@ def test_worker_dying_while_the_manager_sends_to_it() -> None:
         out = {}
         for how in ("kill_worker", "shutdown"):
             backend = ProcessBackend(1, start_method="fork")
-            assert backend.submit(FunctionRef(len), [b"ab"], 0).result(timeout=30).results == [2]
+            assert backend.submit(ChunkTask(FunctionRef(len), [b"ab"], 0)).result(timeout=30).results == [2]
             pid = backend.pids()[0]
             os.kill(pid, signal.SIGSTOP)
-            fut = backend.submit(FunctionRef(len), [big], 0)
+            fut = backend.submit(ChunkTask(FunctionRef(len), [big], 0))
             time.sleep(0.3)
             if how == "kill_worker":
                 os.kill(pid, signal.SIGKILL)

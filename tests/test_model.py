@@ -162,7 +162,6 @@ def test_unpicklable_never_uses_processes_and_says_why() -> None:
     p = profile(0.002, picklable=False, not_picklable_reason="TypeError: cannot pickle lock")
     d = decide(p, 100_000, dataclasses.replace(TWO_CORES, usable_cores=16))
     assert d.executor != "processes"
-    assert all(c[0] != "processes" for c in d.candidates)
     assert any("cannot be pickled" in r and "cannot pickle lock" in r for r in d.reasons)
 
 
@@ -227,7 +226,6 @@ def test_worker_footprint_caps_n_jobs_with_a_reason() -> None:
     assert d.executor == "processes"
     assert d.n_jobs == 2
     assert any("memory allows 2 worker(s)" in r for r in d.reasons)
-    assert max(c[1] for c in d.candidates if c[0] == "processes") == 2
     roomy = decide(CPU_2MS, 990, dataclasses.replace(costs, available_memory_bytes=64 * GiB))
     assert roomy.n_jobs > 2
     assert not any("memory allows" in r for r in roomy.reasons)

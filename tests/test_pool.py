@@ -27,7 +27,6 @@ from hypothesis import strategies as st
 
 import amortune
 from amortune._errors import RemoteTraceback
-from amortune._pool import IMAP_SAMPLE_ITEMS
 from tests import tasks
 
 START = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
@@ -342,7 +341,7 @@ def test_imap_over_an_endless_generator(chunksize):
         assert len(got) == 100 and all(int(v**0.5) ** 2 == v for v in got)
 
 
-def test_imap_samples_only_a_few_items():
+def test_imap_reads_an_endless_input_only_a_bounded_way_ahead():
     pulled = []
 
     def gen():
@@ -353,8 +352,19 @@ def test_imap_samples_only_a_few_items():
     with amortune.Pool(2, context=START) as pool:
         it = pool.imap(tasks.square, gen())
         assert next(it) == 0
-        assert len(pulled) <= IMAP_SAMPLE_ITEMS
+        # Chunks start at one item; at most 2 * processes + 1 are unfinished, and the reorder
+        # window holds a bounded number of them.
+        assert len(pulled) <= 16 * (2 * 2 + 1)
         it.close()
+
+
+def test_every_item_runs_in_a_worker_process():
+    """As with multiprocessing.Pool: nothing runs in the caller, not even to sample."""
+    with amortune.Pool(2, context=START) as pool:
+        pids = pool.map(tasks.worker_pid, range(40))
+        assert os.getpid() not in pids
+        assert os.getpid() not in set(pool.imap(tasks.worker_pid, range(40)))
+        assert os.getpid() not in set(pool.starmap(tasks.worker_pid_of, [(i,) for i in range(9)]))
 
 
 def test_tuned_chunksize_never_runs_an_item_twice(tmp_path):
@@ -404,7 +414,7 @@ def test_terminate_fails_pending_results_instead_of_hanging():
 def test_unclosed_pool_warns_and_is_terminated():
     pool = amortune.Pool(1, context=START)
     assert pool.apply(tasks.square, (3,)) == 9
-    with pytest.warns(ResourceWarning, match="unclosed running amortune pool"):
+    with pytest.warns(ResourceWarning, match="^unclosed running multiprocessing pool"):
         del pool
         gc.collect()
     # the autouse leak check proves its worker and manager thread are gone

@@ -24,7 +24,8 @@ from hypothesis import strategies as st
 
 from amortune import _spill
 from amortune._errors import NotPicklableError
-from amortune._spill import Segment, SpilledResults, SpillError, SpillStore
+from amortune._files import PrivateDir
+from amortune._spill import Segment, SpilledResults, SpillError, SpillStore, resolve_spill_target
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -224,9 +225,9 @@ def test_reads_only_the_segment_it_needs(
     loads: list[str] = []
     real = _spill._read_segment
 
-    def counting(path: pathlib.Path, is_array: bool) -> Any:
-        loads.append(path.name)
-        return real(path, is_array)
+    def counting(folder: Any, segment: Segment) -> Any:
+        loads.append(segment.name)
+        return real(folder, segment)
 
     monkeypatch.setattr(_spill, "_read_segment", counting)
     with SpillStore(parent=str(tmp_dir)) as store:
@@ -417,3 +418,136 @@ def test_misuse_is_refused(tmp_dir: pathlib.Path) -> None:
     (tmp_dir / "file").write_text("")
     with pytest.raises(SpillError):
         SpillStore(tmp_dir / "file")
+
+
+# -- every read is a copy of the stored result ---------------------------------------------------
+
+
+def test_changing_a_result_never_changes_what_is_stored(tmp_dir: pathlib.Path) -> None:
+    with SpillStore(parent=str(tmp_dir)) as store:
+        for seq in range(3):
+            store.write_segment(seq, [{"x": seq * 10 + j} for j in range(10)])
+        results = store.results()
+        results[5]["x"] = -1
+        assert results[5]["x"] == 5  # not the changed value while it is cached ...
+        assert results[15]["x"] == 15 and results[25]["x"] == 25  # ... evicting segment 0 ...
+        assert results[5]["x"] == 5  # ... and not the old one only after that
+        kept = results[5]
+        kept["x"] = -2
+        assert results[5] == {"x": 5} and results[5] is not results[5]
+        for item in results:
+            item["x"] = 0
+        assert [item["x"] for item in results] == list(range(30))
+        assert all(item["x"] == 10 * k for k, item in enumerate(results[::10]))
+        with pytest.raises(TypeError):
+            results[5] = {"x": 1}  # type: ignore[index]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batches=st.lists(st.lists(st.integers(), min_size=1, max_size=4), min_size=1, max_size=5),
+    ops=st.lists(st.tuples(st.integers(0, 100), st.integers(0, 100), st.integers()), max_size=15),
+)
+def test_reads_after_any_changes_and_evictions_return_the_stored_results(
+    batches: list[list[int]], ops: list[tuple[int, int, int]]
+) -> None:
+    expected = [[x] for batch in batches for x in batch]
+    with tempfile.TemporaryDirectory() as parent, SpillStore(parent=parent) as store:
+        for seq, batch in enumerate(batches):
+            store.write_segment(seq, [[x] for x in batch])
+        results = store.results()
+        for changed, read, value in ops:
+            results[changed % len(expected)].append(value)
+            assert results[read % len(expected)] == expected[read % len(expected)]
+        assert list(results) == expected
+
+
+def test_arrays_in_pickled_segments_come_back_as_fresh_copies(tmp_dir: pathlib.Path) -> None:
+    with SpillStore(parent=str(tmp_dir)) as store:
+        store.write_segment(0, [np.zeros(3), np.zeros(4)])  # shapes differ: pickled
+        results = store.results()
+        first = results[0]
+        first[0] = 7.0
+        assert first.flags.writeable and results[0][0] == 0.0
+
+
+def test_segments_of_the_first_format_are_still_read(tmp_dir: pathlib.Path) -> None:
+    folder = PrivateDir.open(tmp_dir / "old")
+    payload = pickle.dumps([{"a": 1}, [2], "three"])  # the whole batch in one pickle
+    nbytes = folder.write_atomic("seg-00000000.pkl", lambda sink: sink.write(payload))
+    store = SpillStore.over(folder)
+    store.adopt(Segment(0, "seg-00000000.pkl", 3, nbytes))
+    results = store.results()
+    results[0]["a"] = 5
+    assert list(results) == [{"a": 1}, [2], "three"]
+    results.close()
+    assert (tmp_dir / "old" / "seg-00000000.pkl").exists()  # a store over a folder keeps it
+
+
+def test_a_damaged_segment_raises_spill_error_naming_the_file(tmp_dir: pathlib.Path) -> None:
+    with SpillStore(parent=str(tmp_dir)) as store:
+        segment = store.write_segment(0, ["a", "b"])
+        path = store.directory / segment.name
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        with pytest.raises(SpillError, match="cannot be read back") as info:
+            store.results()[0]
+        assert str(path) in str(info.value)
+        path.write_bytes(b"\x00" * len(data))  # the size that was written, but not a pickle
+        with pytest.raises(SpillError, match="cannot be read back"):
+            store.results()[1]
+
+
+# -- what spill= may be ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("word", ["ram", "Disk", "memory", "", "tmp", "disk "])
+def test_a_spill_word_that_is_not_a_path_is_refused(
+    word: str, tmp_dir: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_dir)
+    with pytest.raises(ValueError) as info:
+        resolve_spill_target(word)
+    message = str(info.value)
+    assert repr(word) in message and "'disk'" in message and "None" in message
+    assert "folder path" in message
+    assert os.listdir(tmp_dir) == []  # no folder named after the word
+
+
+def test_spill_targets_that_are_paths(tmp_dir: pathlib.Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_dir)
+    assert resolve_spill_target(None) is None
+    assert resolve_spill_target("disk") == "disk"
+    assert resolve_spill_target("out/") == pathlib.Path("out")
+    assert resolve_spill_target("./ram") == pathlib.Path("ram")
+    assert resolve_spill_target(".hidden") == pathlib.Path(".hidden")
+    assert resolve_spill_target(str(tmp_dir / "x")) == tmp_dir / "x"
+    assert resolve_spill_target("~/spill") == pathlib.Path.home() / "spill"
+    assert resolve_spill_target(pathlib.Path("ram")) == pathlib.Path("ram")  # a Path is a path
+    (tmp_dir / "ram").mkdir()
+    assert resolve_spill_target("ram") == pathlib.Path("ram")  # an existing folder
+    for bad in (3, b"disk", ["disk"]):
+        with pytest.raises(TypeError, match="spill must be"):
+            resolve_spill_target(bad)
+
+
+@settings(max_examples=200, deadline=None)
+@given(word=st.text(max_size=12))
+def test_spill_strings_are_disk_or_clearly_paths(word: str) -> None:
+    with tempfile.TemporaryDirectory() as empty:
+        cwd = os.getcwd()
+        os.chdir(empty)
+        try:
+            path_like = ("/" in word or word.startswith((".", "~")) or os.path.isabs(word)
+                         or os.path.isdir(word))
+            if word == "disk":
+                assert resolve_spill_target(word) == "disk"
+            elif path_like:
+                assert isinstance(resolve_spill_target(word), pathlib.Path)
+            else:
+                with pytest.raises(ValueError, match="neither 'disk' nor a folder path"):
+                    resolve_spill_target(word)
+            assert os.listdir(empty) == []
+        finally:
+            os.chdir(cwd)

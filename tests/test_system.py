@@ -400,7 +400,7 @@ def test_snapshot_invariants_on_this_machine() -> None:
     assert snap.total_memory_bytes > 0
     if snap.cgroup_memory_limit_bytes is not None:
         assert snap.total_memory_bytes <= snap.cgroup_memory_limit_bytes
-    assert snap.start_method == config.start_method
+    assert snap.start_method == (config.start_method or "auto")
     assert snap.platform == sys.platform
     assert 0 <= memory_snapshot() <= snap.total_memory_bytes
 

@@ -1,34 +1,155 @@
-"""The small interface every place-to-run implements, and the values that cross it.
+"""The contract every place-to-run implements (v2), and the values that cross it.
 
-A backend only runs chunks: tuning, ordering, retries, progress, spill and checkpoints live once,
-in the scheduler. Imports the standard library only (cloudpickle lazily, for functions).
+A backend only runs chunks. Tuning, ordering, retries, progress, spill and checkpoints live once,
+in the scheduler (:mod:`amortune._schedule`), which sees a backend through four things:
+
+``info()``
+    A :class:`BackendInfo`: the slots (how many chunks run at once, each with a stable id, its
+    devices and its memory), start-up and per-dispatch cost, whether an item can be stopped
+    midway (timeouts) and whether items run in the caller's process. It is cheap and never starts
+    anything: the planner reads it before deciding.
+``submit(task)``
+    Run a :class:`ChunkTask` and return a future of a :class:`ChunkOutcome`. ``func``'s own
+    exception comes back *inside* the outcome (``error``, with the results of the items before
+    the failing one), so the scheduler retries the failing item alone. The future itself fails
+    only when the chunk is lost or cannot be sent. ``future.cancel()`` reaches the place the chunk
+    runs: a chunk not yet started there never starts.
+``is_lost(exc)``
+    Whether a failed future means "the chunk was lost, run it again" (a dead process, a Dask
+    ``KilledWorker``, a dead GPU worker) rather than an error to report.
+``shutdown(wait, kill)``
+    Stop the workers.
+
+Per-worker set-up (:class:`WorkerSetup`: ``initializer(*initargs)``, a thread cap and the
+caller's environment) travels with each task; a backend runs the initializer once in each worker
+before its first item and applies an environment only when it changed. Three call styles
+(:data:`STYLES`): ``"item"`` is ``func(x)``, ``"star"`` is ``func(*x)``, ``"chunk"`` is
+``func(list_of_items) -> list`` (model batches), and ``"apply"`` is ``func(*args, **kwargs)``.
+
+Imports the standard library and :mod:`amortune._serde` only.
 """
 
 from __future__ import annotations
 
 import hashlib
-import pickle
+import os
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
-__all__ = ["Backend", "ChunkOutcome", "FunctionRef"]
+from .._serde import dumps_function
+
+__all__ = [
+    "STYLES",
+    "Backend",
+    "BackendInfo",
+    "ChunkFuture",
+    "ChunkOutcome",
+    "ChunkTask",
+    "FunctionRef",
+    "Slot",
+    "WorkerSetup",
+    "environment_snapshot",
+]
+
+#: Call styles: ``func(x)``, ``func(*x)``, ``func(list) -> list`` and ``func(*args, **kwargs)``.
+STYLES = ("item", "star", "chunk", "apply")
 
 
-class ChunkOutcome(NamedTuple):
-    """A finished chunk: its results in order and what running it cost in the worker."""
+@dataclass(frozen=True)
+class Slot:
+    """One place where one chunk runs at a time; ``id`` stays when its worker is replaced.
 
-    results: list[Any]
-    wall_seconds: float
-    cpu_seconds: float
-    rss_bytes: int
+    ``devices`` are the device ids the slot's worker owns (``CUDA_VISIBLE_DEVICES`` values), and
+    ``env`` the variables its worker starts with, so a replacement gets the same device.
+    """
+
+    id: int
+    devices: tuple[str, ...] = ()
+    memory_bytes: int | None = None
+    env: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BackendInfo:
+    """What the planner and the scheduler need to know about a backend, without starting it."""
+
+    name: str
+    slots: tuple[Slot, ...]
+    #: Seconds until the first slot can run a chunk (0 when the workers are already up).
+    start_seconds: float = 0.0
+    #: Seconds each further slot adds to the start-up.
+    per_slot_start_seconds: float = 0.0
+    #: Caller-side seconds of one chunk round trip (send, bookkeeping, receive).
+    dispatch_seconds: float = 0.0
+    #: Whether an item can be stopped midway (``timeout=`` needs it).
+    can_interrupt: bool = False
+    #: Whether items run in the caller's process (serial, threads): no pickling, shared state.
+    in_caller: bool = False
+    #: Slots whose worker is started and ready now.
+    ready_slots: int = 0
+    #: How workers are started and why (shown by ``explain()``).
+    start_reason: str = ""
+
+    @property
+    def n_slots(self) -> int:
+        return len(self.slots)
+
+
+@dataclass(frozen=True)
+class WorkerSetup:
+    """What a worker needs before its first item: set-up function, native thread cap, env."""
+
+    initializer: Callable[..., Any] | None = None
+    initargs: tuple[Any, ...] = ()
+    thread_cap: int | None = None
+    #: The caller's environment as of the call, as sorted ``(name, value)`` pairs.
+    env: tuple[tuple[str, str], ...] | None = None
+
+    @property
+    def init_token(self) -> str | None:
+        """A stable id of the initializer and its arguments (``None`` without one)."""
+        if self.initializer is None:
+            return None
+        return hashlib.sha1(self.init_payload).hexdigest()[:20]
+
+    @property
+    def init_payload(self) -> bytes:
+        payload: bytes = _cached_payload(self, "_init_payload",
+                                         lambda: dumps_function((self.initializer, self.initargs)))
+        return payload
+
+    @property
+    def env_token(self) -> str | None:
+        if self.env is None:
+            return None
+        token: str = _cached_payload(self, "_env_token", lambda: hashlib.sha1(
+            repr(self.env).encode()).hexdigest()[:20])
+        return token
+
+
+def _cached_payload(obj: Any, name: str, make: Callable[[], Any]) -> Any:
+    value = obj.__dict__.get(name)
+    if value is None:
+        value = make()
+        object.__setattr__(obj, name, value)
+    return value
+
+
+def environment_snapshot() -> tuple[tuple[str, str], ...]:
+    """The caller's ``os.environ`` now, as workers must see it for this call."""
+    return tuple(sorted(os.environ.items()))
 
 
 @dataclass
 class FunctionRef:
-    """A function with its pickled form computed once and a token workers cache it under."""
+    """A function with its pickled form computed once and a token workers cache it under.
+
+    Functions importable by name are pickled by reference (tracebacks then show their real file
+    and line); ``__main__`` functions, lambdas and closures by value (cloudpickle).
+    """
 
     func: Callable[..., Any]
     _payload: bytes | None = field(default=None, repr=False)
@@ -37,9 +158,7 @@ class FunctionRef:
     @property
     def payload(self) -> bytes:
         if self._payload is None:
-            import cloudpickle  # by value for __main__ functions, lambdas and closures
-
-            self._payload = cloudpickle.dumps(self.func, protocol=pickle.HIGHEST_PROTOCOL)
+            self._payload = dumps_function(self.func)
         return self._payload
 
     @property
@@ -49,40 +168,99 @@ class FunctionRef:
         return self._token
 
 
+@dataclass
+class ChunkTask:
+    """One chunk to run: ``fn`` over ``items`` (input indices from ``start``) in ``style``."""
+
+    fn: FunctionRef
+    items: list[Any]
+    start: int
+    style: str = "item"
+    timeout_seconds: float | None = None
+    setup: WorkerSetup | None = None
+
+    @property
+    def indices(self) -> tuple[int, ...]:
+        return tuple(range(self.start, self.start + len(self.items)))
+
+
+class ChunkOutcome(NamedTuple):
+    """A chunk that ran: its results in order and what running it cost where it ran.
+
+    With ``error`` set, ``func`` raised at item ``start + len(results)``: ``results`` are the
+    items before it, ``error`` is the exception (its own type, the worker's traceback as
+    ``__cause__``). ``started``/``finished`` are ``time.perf_counter()`` readings on this machine
+    (0.0 where the backend cannot tell), ``slot`` is the slot id, ``first_call_seconds`` the wall
+    time of the chunk's first item when it was the first call of this function in its worker (a
+    one-off import or model load, not an item cost).
+    """
+
+    results: list[Any]
+    wall_seconds: float
+    cpu_seconds: float
+    rss_bytes: int = 0
+    slot: int = 0
+    started: float = 0.0
+    finished: float = 0.0
+    first_call_seconds: float | None = None
+    error: BaseException | None = None
+    #: Seconds the worker spent unpickling items and pickling results.
+    serde_seconds: float = 0.0
+
+
+class ChunkFuture(Future):  # type: ignore[type-arg]
+    """A future whose ``cancel()`` also reaches the place the chunk runs.
+
+    ``on_cancel`` is called once, from the cancelling thread, when a future that is already
+    running (sent to a worker) is cancelled: the backend then keeps the chunk from starting, or
+    stops it between items.
+    """
+
+    def __init__(self, on_cancel: Callable[[ChunkFuture], None] | None = None) -> None:
+        super().__init__()
+        self._on_cancel = on_cancel
+        self.cancel_requested = False
+
+    def cancel(self) -> bool:
+        self.cancel_requested = True
+        if super().cancel():
+            return True
+        hook, self._on_cancel = self._on_cancel, None
+        if hook is not None and not self.done():
+            hook(self)
+        return False
+
+
 class Backend(ABC):
-    """Where chunks run: ``capacity``, ``setup_workers``, ``submit``, ``shutdown``."""
+    """Where chunks run; see the module docstring for the contract."""
 
-    kind: str = "abstract"
+    name: str = "abstract"
 
     @abstractmethod
+    def info(self) -> BackendInfo:
+        """Slots, costs and capabilities; cheap, and never starts a worker."""
+
     def capacity(self) -> int:
-        """How many chunks can run at once."""
-
-    def setup_workers(self, initializer: Callable[..., Any] | None, initargs: tuple[Any, ...] = ()) -> None:
-        """Run ``initializer(*initargs)`` once in every worker before its first chunk."""
-        if initializer is not None:
-            raise NotImplementedError(f"the {self.kind} backend has no per-worker initializer")
+        """How many chunks run at once (``len(info().slots)``)."""
+        return self.info().n_slots
 
     @abstractmethod
-    def submit(
-        self,
-        fn: FunctionRef,
-        items: list[Any],
-        start: int,
-        *,
-        mode: str = "map",
-        timeout_seconds: float | None = None,
-    ) -> Future[ChunkOutcome]:
-        """Run ``fn`` over ``items`` (input indices ``start``...) and return a future outcome."""
+    def submit(self, task: ChunkTask) -> Future[ChunkOutcome]:
+        """Run ``task``; ``func``'s exception comes back in the outcome, lost chunks fail it."""
+
+    def is_lost(self, exc: BaseException) -> bool:
+        """Whether a failed future means the chunk was lost and may run again."""
+        from .._errors import TaskTimeoutError, WorkerCrashedError
+
+        return isinstance(exc, (WorkerCrashedError, TaskTimeoutError))
+
+    def ready(self) -> bool:
+        """Whether at least one slot can run a chunk now (the caller helps while none can)."""
+        return True
 
     @abstractmethod
     def shutdown(self, wait: bool = True, *, kill: bool = False) -> None:
         """Stop the workers; ``kill`` ends them at once (Ctrl-C, terminate)."""
-
-    @property
-    def warm_workers(self) -> int:
-        """Workers already started and idle-ready (start-up cost of a run is then ~0)."""
-        return 0
 
     def __enter__(self) -> Backend:
         return self

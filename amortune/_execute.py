@@ -1,0 +1,309 @@
+"""``execute`` and ``imap``: a map, planned by measurement and run on one engine.
+
+Data flow::
+
+    data ──▶ quick look (_quick: a clearly serial map finishes here, almost nothing imported)
+         └─▶ plan_run (sample in the caller; results kept) ──▶ _engine.stream ──▶ Scheduler
+    results: sampled results + the rest, in input order ──▶ list (execute) or a stream (imap)
+
+Call styles: ``func(x)``; ``star=True`` for ``func(*x)`` (as ``Pool.starmap``); ``per_chunk=True``
+for ``func(list_of_items) -> list`` (model batches). ``initializer(*initargs)`` runs once in every
+process that runs items, the caller included when items run there.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from ._config import Config
+
+__all__ = ["execute", "imap"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+#: ``imap`` samples at most this many items in the caller before the first result streams.
+IMAP_SAMPLE_ITEMS = 8
+_ENV_KEYS = ("AMORTUNE_MAX_WORKERS", "AMORTUNE_MAX_THREADS", "AMORTUNE_START_METHOD",
+             "AMORTUNE_TARGET_CHUNK_SECONDS")
+
+
+class StarCall:
+    """``func(*args)`` as a one-argument function, so an unpacking map is sampled like a map."""
+
+    def __init__(self, func: Callable[..., Any]) -> None:
+        self.func = func
+
+    def __call__(self, args: Iterable[Any]) -> Any:
+        return self.func(*args)
+
+
+class OneOfChunk:
+    """A per-chunk function called on one item (sampling), returning that item's result."""
+
+    def __init__(self, func: Callable[[list[Any]], list[Any]]) -> None:
+        self.func = func
+
+    def __call__(self, item: Any) -> Any:
+        out = list(self.func([item]))
+        if len(out) != 1:
+            raise ValueError(f"a per-chunk function returned {len(out)} results for 1 item")
+        return out[0]
+
+
+def _quick_allowed(config: Config | None, options: dict[str, Any]) -> bool:
+    import sys
+
+    stats = sys.modules.get("amortune._stats")  # not loaded: no report() is recording
+    recording = stats is not None and bool(stats.active_recorders())
+    return (config is None and all(v is None or v is False for v in options.values())
+            and not any(k in os.environ for k in _ENV_KEYS) and not recording)
+
+
+def _threshold() -> float:
+    """Serial-for-certain threshold: lower when a warm pool is already running."""
+    import sys
+
+    from ._quick import CHEAPEST_START_SECONDS, ENGINE_IMPORT_SECONDS, SERIAL_CERTAIN_FACTOR
+
+    warm = sys.modules.get("amortune.backends._warm")
+    if warm is not None and any(p.alive for p in warm.all_warm_pools()):
+        from ._model import PARALLEL_FLOOR_SECONDS
+
+        return PARALLEL_FLOOR_SECONDS
+    imports = 0.0 if "amortune._engine" in sys.modules else ENGINE_IMPORT_SECONDS
+    return SERIAL_CERTAIN_FACTOR * (CHEAPEST_START_SECONDS + imports)
+
+
+def execute(
+    func: Callable[..., R],
+    data: Iterable[Any],
+    *,
+    n_jobs: int | None = None,
+    chunksize: int | None = None,
+    backend: Any = None,
+    executor: str | None = None,
+    plan: Any = None,
+    star: bool = False,
+    per_chunk: bool = False,
+    initializer: Callable[..., Any] | None = None,
+    initargs: Iterable[Any] = (),
+    progress: Any = False,
+    progress_callback: Callable[[str, float], None] | None = None,
+    retries: int | None = None,
+    timeout: float | None = None,
+    retry_on: tuple[type[BaseException], ...] | None = None,
+    config: Config | None = None,
+) -> list[R]:
+    """``list(map(func, data))``, measured and run the fastest way this machine allows.
+
+    Samples ``func`` on the first items in the caller (those results are kept), decides serial,
+    processes or threads with ``n_jobs`` and ``chunksize``, and runs the rest; a serial run that
+    turns out to be worth workers moves to them. Results come back in input order; an exception
+    from ``func`` is re-raised with its own type, the worker's traceback as ``__cause__`` and the
+    item's index in a note.
+
+    Parameters
+    ----------
+    n_jobs, chunksize:
+        Pin what the plan would choose; ``n_jobs=-1`` is every usable core, ``-2`` all but one.
+        ``n_jobs`` is a limit: never more items run at once, even on a bigger warm pool.
+    backend:
+        ``"serial"``, ``"threads"``, ``"processes"``, ``"dask"``, a ``Backend`` instance, or an
+        object a registered backend recognises (a ``distributed.Client``). ``executor`` is the
+        older name of the built-in choices.
+    plan:
+        A plan from :func:`amortune.optimize`; with ``data=plan.data`` its sampled results are
+        reused, so no item runs twice.
+    star, per_chunk:
+        ``func(*item)`` (as ``Pool.starmap``), or ``func(list_of_items) -> list`` per chunk.
+    initializer, initargs:
+        ``initializer(*initargs)`` runs once in each process that runs items, before its first
+        item (load a model, open a connection); functions from ``__main__`` and lambdas work.
+    progress, progress_callback:
+        ``True`` for a tqdm bar (or a tqdm instance); ``callback(phase, fraction)``.
+    retries, timeout, retry_on:
+        Re-run chunks lost to a dead worker or a timeout up to ``retries`` times; ``timeout`` is
+        seconds per item (the worker is killed and replaced); an item failing with a
+        ``retry_on`` type runs again alone, after a doubling backoff.
+
+    Examples
+    --------
+    >>> import amortune
+    >>> amortune.execute(lambda x: x * x, range(5))
+    [0, 1, 4, 9, 16]
+    >>> amortune.execute(pow, [(2, 3), (3, 2)], star=True)
+    [8, 9]
+    """
+    if star and per_chunk:
+        raise ValueError("star=True and per_chunk=True cannot be combined")
+    initargs = tuple(initargs)
+    options = dict(n_jobs=n_jobs, chunksize=chunksize, backend=backend, executor=executor,
+                   plan=plan, star=star, per_chunk=per_chunk, initializer=initializer,
+                   progress=progress, progress_callback=progress_callback, retries=retries,
+                   timeout=timeout, retry_on=retry_on)
+    results: list[Any] = []
+    if _quick_allowed(config, options):
+        if not callable(func):
+            raise TypeError(f"func must be callable, got {type(func).__name__}")
+        from ._quick import quick_serial
+
+        quick = quick_serial(func, data, threshold_seconds=_threshold())
+        if quick is not None:
+            if quick.rest is None:
+                return quick.results
+            results, data = quick.results, _Sized(quick.rest, quick.n_rest)
+            options["notes"] = (f"ran items 0-{len(results) - 1} in the caller while they were "
+                                f"cheap; the {quick.n_rest} left take "
+                                f"{quick.item_seconds * 1e3:.3f} ms each",)
+    options["initargs"] = initargs
+    parts = _run(func, data, options, config, len(results), ordered=True)
+    for part in parts:
+        results.extend(part)
+    return results
+
+
+def imap(
+    func: Callable[..., R],
+    data: Iterable[Any],
+    *,
+    ordered: bool = True,
+    n_jobs: int | None = None,
+    chunksize: int | None = None,
+    backend: Any = None,
+    star: bool = False,
+    initializer: Callable[..., Any] | None = None,
+    initargs: Iterable[Any] = (),
+    progress: Any = False,
+    retries: int | None = None,
+    timeout: float | None = None,
+    retry_on: tuple[type[BaseException], ...] | None = None,
+    config: Config | None = None,
+) -> Iterator[R]:
+    """Stream ``map(func, data)``: results as they finish, in input order (``ordered=False``:
+    in completion order), with bounded memory, so an endless generator works when the
+    consumer stops early. Work starts when iteration starts; closing the iterator stops it.
+
+    Examples
+    --------
+    >>> import amortune, itertools
+    >>> list(itertools.islice(amortune.imap(abs, itertools.count(-3)), 5))
+    [3, 2, 1, 0, 1]
+    """
+    options = dict(n_jobs=n_jobs, chunksize=chunksize, backend=backend, executor=None,
+                   plan=None, star=star, per_chunk=False, initializer=initializer,
+                   progress=progress, progress_callback=None, retries=retries,
+                   timeout=timeout, retry_on=retry_on, initargs=tuple(initargs))
+    from ._config import Config
+
+    cfg = config or Config.from_env()
+    cfg = cfg.replace(sample_items=min(cfg.sample_items, IMAP_SAMPLE_ITEMS))
+
+    def results() -> Iterator[R]:
+        parts = _run(func, data, options, cfg, 0, ordered=ordered, streaming=True)
+        try:
+            for part in parts:
+                yield from part
+        finally:
+            parts.close()  # type: ignore[attr-defined]
+
+    return results()
+
+
+def _run(func: Callable[..., Any], data: Iterable[Any], options: dict[str, Any],
+         config: Config | None, offset: int, *, ordered: bool,
+         streaming: bool = False) -> Iterator[list[Any]]:
+    """Plan and run: yields the sampled results, then the rest as the engine finishes them."""
+    from ._config import Config
+    from ._engine import CallOptions, sample_stats, stream
+    from ._optimize import plan_run
+    from ._progress import Progress
+    from .backends._base import FunctionRef, WorkerSetup
+    from .backends.serial import run_setup_in_caller
+
+    cfg = (config or Config.from_env()).replace(
+        retries=options["retries"], timeout_seconds=options["timeout"],
+        retry_on=options["retry_on"])
+    star, per_chunk = options["star"], options["per_chunk"]
+    initializer = options["initializer"]
+    initargs = tuple(options.get("initargs") or ())
+    sampled_func: Callable[..., Any] = (StarCall(func) if star else
+                                        OneOfChunk(func) if per_chunk else func)
+    style = "star" if star else "chunk" if per_chunk else "item"
+    setup = WorkerSetup(initializer, initargs)
+    if initializer is not None and cfg.sample_in_caller and cfg.timeout_seconds is None:
+        run_setup_in_caller(setup)  # the caller samples: it is a process that runs items
+    import time
+
+    t_plan = time.perf_counter()
+    plan = options.get("plan")
+    run = getattr(plan, "_run", None) if plan is not None else None
+    if run is not None and plan is not None and data is plan.data and not getattr(
+            run, "_used", False):
+        run._used = True
+        it = iter(data)
+        for _ in itertools.islice(it, len(run.sampled.results)):
+            pass  # already computed while planning
+        run.sampled.rest = it
+        run.sampled.read_ahead = []
+    else:
+        pins: dict[str, Any] = {}
+        if plan is not None:
+            pins = dict(n_jobs=plan.n_jobs if plan.executor != "serial" else None,
+                        executor=plan.executor)
+        run = plan_run(sampled_func, data, cfg,
+                       n_jobs=(options["n_jobs"] if options["n_jobs"] is not None
+                               else pins.get("n_jobs")),
+                       chunksize=options["chunksize"],
+                       executor=options["backend"] or options["executor"] or pins.get("executor"),
+                       start_index=offset)
+    _warn(run)
+    first = run.sampled.results
+    progress, callback = options["progress"], options["progress_callback"]
+    prog = None
+    if (progress is not None and progress is not False) or callback is not None:
+        total = None if run.plan.n_items is None else run.plan.n_items + offset
+        prog = Progress(progress, callback, total, initial=offset + len(first))
+    stats = sample_stats(run, offset, t_plan)
+    fn = FunctionRef(func, run.sampled.func_bytes if sampled_func is func else None)
+    opts = CallOptions(style=style, initializer=initializer, initargs=initargs, ordered=ordered,
+                       caller_may_run=True, notes=tuple(options.get("notes") or ()))
+    try:
+        if first:
+            run.sampled.results = []
+            yield first
+        remaining = run.sampled.remaining_items()
+        n_left = run.sampled.n_remaining if run.sampled.n_remaining_known else None
+        yield from stream(fn.func, run, cfg, remaining, start_index=offset + len(first),
+                          n_remaining=n_left, opts=opts, fn=fn, stats=stats,
+                          on_progress=prog.update if prog is not None else None,
+                          may_escalate=not streaming)
+    finally:
+        if prog is not None:
+            prog.close()
+
+
+class _Sized:
+    """An iterator that still knows how many items it will yield."""
+
+    def __init__(self, it: Iterator[Any], n: int | None) -> None:
+        self._it, self._n = it, max(0, n or 0)
+
+    def __iter__(self) -> Iterator[Any]:
+        return self._it
+
+    def __len__(self) -> int:
+        return self._n
+
+
+def _warn(run: Any) -> None:
+    import warnings
+
+    from ._errors import AmortuneWarning
+
+    for message in run.fallbacks:
+        warnings.warn(message, AmortuneWarning, stacklevel=4)

@@ -1,0 +1,104 @@
+"""The first look at a call: settle a clearly serial map before anything heavy is imported.
+
+Most maps in scripts are small. Parallel execution must pay a pool start-up of at least a fork
+(:data:`CHEAPEST_START_SECONDS`), and in a fresh process the engine's imports
+(:data:`ENGINE_IMPORT_SECONDS`), before it can save anything, so when the whole rest of the
+input is predicted to take less than :data:`SERIAL_CERTAIN_FACTOR` times that, serial wins
+whatever the model would add. This module times the first items itself (the first call apart:
+an import or a cache fill is paid once), runs the rest in growing chunks while re-checking the
+rate, and hands over to the full planner with every result so far the moment the remaining work
+could pay for workers (costs that grow along the input). Imports ``time`` and ``itertools`` only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from ._serde import note_item
+
+__all__ = ["QuickOutcome", "quick_serial"]
+
+#: The cheapest pool start there is: forking two workers from a single-threaded caller and
+#: getting their first replies takes 5-15 ms on the reference machine.
+CHEAPEST_START_SECONDS = 0.01
+#: In a fresh process, going parallel first imports the planner, the engine and multiprocessing:
+#: 30-50 ms on the reference machine (``python -X importtime``), paid before any worker starts.
+ENGINE_IMPORT_SECONDS = 0.03
+#: With 2 cores and the 1.2x rule, parallel can only win once the serial rest exceeds
+#: 1.2 * start / (1 - 1.2 / cores) = 3 starts; above that the full model decides.
+SERIAL_CERTAIN_FACTOR = 3.0
+#: Serial chunks between rate checks grow to about this long.
+CHECK_SECONDS = 0.02
+#: A rate is trusted once a chunk ran this long or held this many items (below, a chunk's time
+#: is mostly islice/map/extend overhead, ~1 µs per call on the reference machine).
+MIN_TIMED_SECONDS = 0.5e-3
+MIN_TIMED_ITEMS = 1024
+
+
+class QuickOutcome:
+    """Results so far; ``rest`` is ``None`` when the whole input is done."""
+
+    __slots__ = ("results", "rest", "n_rest", "item_seconds")
+
+    def __init__(self, results: list[Any], rest: Iterator[Any] | None, n_rest: int | None,
+                 item_seconds: float) -> None:
+        self.results, self.rest, self.n_rest, self.item_seconds = results, rest, n_rest, item_seconds
+
+
+def _stopped() -> RuntimeError:
+    # A StopIteration from func inside map() silently ends the map: report it as an error.
+    return RuntimeError("func raised StopIteration; amortune treats it as an error, not as the "
+                        "end of the input")
+
+
+def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
+                 threshold_seconds: float = SERIAL_CERTAIN_FACTOR * (
+                     CHEAPEST_START_SECONDS + ENGINE_IMPORT_SECONDS),
+                 clock: Callable[[], float] = time.perf_counter) -> QuickOutcome | None:
+    """Run ``func`` over ``data`` in the caller while that is certainly the fastest way.
+
+    Returns ``None`` without running anything for inputs without a length (the planner reads
+    ahead to learn it); otherwise a :class:`QuickOutcome` whose ``rest`` is ``None`` when every
+    item ran here, or the items left when the rest could pay for workers.
+    """
+    try:
+        n_total = len(data)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    it = iter(data)
+    out: list[Any] = []
+    append = out.append
+    try:
+        t0 = clock()
+        for item in itertools.islice(it, 1):
+            try:
+                append(func(item))
+            except StopIteration as exc:
+                raise _stopped() from exc
+        first = clock() - t0
+        size, per_item, done_timed, spent = 1, first, 0, 0.0
+        while len(out) < n_total:
+            t1 = clock()
+            before = len(out)
+            out.extend(map(func, itertools.islice(it, size)))
+            took = clock() - t1
+            if len(out) - before < min(size, n_total - before):
+                raise _stopped()
+            done_timed += size
+            spent += took
+            rate = took / size  # the latest chunk: costs may grow along the input
+            per_item = max(rate, spent / done_timed)  # the first call's one-off is not in it
+            left = n_total - len(out)
+            # A chunk shorter than MIN_TIMED_SECONDS is mostly the loop's own overhead: keep
+            # doubling until the rate is measured, then judge the rest by it.
+            timed = took >= MIN_TIMED_SECONDS or size >= MIN_TIMED_ITEMS
+            if timed and left * per_item > threshold_seconds:
+                return QuickOutcome(out, it, left, per_item)
+            size = max(1, min(left, size * 2, int(CHECK_SECONDS / max(per_item, 1e-9))))
+    except BaseException as exc:
+        note_item(exc, len(out))
+        raise
+    return QuickOutcome(out, None, 0, per_item)

@@ -1,0 +1,108 @@
+"""Pickling with the cloudpickle fallback, and the item-index note, in one place.
+
+Everything that crosses a process boundary or lands on disk goes through :func:`dumps` (data) or
+:func:`dumps_function` (functions); every exception that names an item gets its note from
+:func:`note_item`. Imports the standard library only (cloudpickle lazily, when plain pickle
+refuses), so workers, the spill files and the checkpoint share one behaviour.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["dumps", "dumps_function", "first_unpicklable", "item_note", "note_item"]
+
+#: The note added to an exception raised while processing an item (tests and the Pool look for it).
+ITEM_NOTE = "amortune: raised while processing item"
+INPUT_NOTE = "amortune: raised by the input while reading item"
+
+
+def dumps(obj: Any) -> bytes:
+    """Pickle with the fast stdlib pickler; fall back to cloudpickle for lambdas and closures."""
+    try:
+        return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        import cloudpickle
+
+        return cloudpickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
+
+
+def _by_reference(func: Any) -> bool:
+    """True when ``func`` can be found again by module and qualified name in another process."""
+    module = getattr(func, "__module__", None)
+    qualname = getattr(func, "__qualname__", None)
+    if not module or not qualname or module == "__main__" or "<" in qualname:
+        return False
+    obj: Any = sys.modules.get(module)
+    if obj is None:
+        return False
+    for part in qualname.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return False
+    if obj is func:
+        return True
+    # Bound methods and classmethods compare equal but are new objects on every access.
+    return bool(getattr(obj, "__func__", None) is getattr(func, "__func__", object()))
+
+
+def dumps_function(func: Any) -> bytes:
+    """A function as workers receive it: by reference when importable, by value otherwise.
+
+    By reference (plain pickle) the worker imports the real module, so tracebacks show the real
+    file and source line. ``__main__`` functions, lambdas, closures and locally defined classes'
+    methods travel by value with cloudpickle.
+    """
+    if _by_reference(func):
+        try:
+            return pickle.dumps(func, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception:
+            pass
+    import cloudpickle
+
+    return cloudpickle.dumps(func, protocol=pickle.HIGHEST_PROTOCOL)  # type: ignore[no-any-return]
+
+
+def first_unpicklable(objs: Sequence[Any], start: int) -> int:
+    """Input index of the first of ``objs`` (indices from ``start``) that cannot be pickled."""
+    for i, obj in enumerate(objs):
+        try:
+            dumps(obj)
+        except Exception:
+            return start + i
+    return start
+
+
+def item_note(index: int, *, by_input: bool = False) -> str:
+    """The note naming the item an exception belongs to."""
+    return f"{INPUT_NOTE if by_input else ITEM_NOTE} {index}"
+
+
+def note_item(exc: BaseException, index: int, *, by_input: bool = False) -> None:
+    """Attach the item's index to ``exc`` (a note, and ``exc.amortune_index``), once."""
+    note = item_note(index, by_input=by_input)
+    notes = getattr(exc, "__notes__", None) or ()
+    if note not in notes:
+        add_note(exc, note)
+    try:
+        exc.amortune_index = index  # type: ignore[attr-defined]
+    except Exception:
+        pass
+
+
+def add_note(exc: BaseException, note: str) -> None:
+    """``exc.add_note`` on Python 3.11+, the same ``__notes__`` list on 3.10."""
+    if hasattr(exc, "add_note"):
+        exc.add_note(note)
+        return
+    notes: Any = getattr(exc, "__notes__", None)  # pragma: no cover - Python 3.10
+    if notes is None:
+        notes = []
+        try:
+            exc.__notes__ = notes  # type: ignore[attr-defined]
+        except Exception:
+            return
+    notes.append(note)

@@ -1,0 +1,96 @@
+"""How worker processes are started, and what that costs: the choice and its reason.
+
+A one-shot run cannot amortise a fresh interpreter (~0.1 s for forkserver or spawn); a fork of
+the caller is ready in a few milliseconds. Fork is safe only from a process with one thread (a
+lock held by another thread at the moment of the fork stays held forever in the child) and
+without CUDA initialised, so amortune forks the first workers *from the caller's thread, before
+its manager thread exists*, when both hold, and uses forkserver (Linux) or spawn for every
+worker started later, when the manager thread makes the caller multi-threaded. A start method
+set with ``multiprocessing.set_start_method()`` or ``Config(start_method=...)`` is honoured.
+Imports the standard library only.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import NamedTuple
+
+__all__ = ["StartPlan", "choose_start", "start_cost", "record_start_cost"]
+
+
+class StartPlan(NamedTuple):
+    """``first``: method for the workers started now; ``later``: for replacements and growth."""
+
+    first: str
+    later: str
+    reason: str
+
+
+#: Measured here, per method: (seconds until the first worker is ready, seconds per further one).
+_MEASURED: dict[str, tuple[float, float]] = {}
+#: Before anything is measured: a fork is ready in ~3-10 ms, a cold forkserver or spawn needs a
+#: fresh interpreter (~0.1 s; benchmarks/calibrate.py).
+_DEFAULTS = {"fork": (0.01, 0.003), "forkserver": (0.1, 0.006), "spawn": (0.1, 0.05)}
+
+
+def _cuda_initialised() -> bool:
+    torch = sys.modules.get("torch")
+    try:
+        return bool(torch is not None and torch.cuda.is_initialized())
+    except Exception:
+        return True  # cannot tell: assume the worst
+
+
+def _user_start_method() -> str | None:
+    """The method the user set with ``multiprocessing.set_start_method()``, if any."""
+    mp = sys.modules.get("multiprocessing")
+    if mp is None:
+        return None
+    try:
+        ctx = mp.context._default_context
+        actual = ctx._actual_context
+        default = ctx._default_context
+    except AttributeError:
+        return None
+    # Any Pool() or get_context() resolves the platform default into _actual_context; only a
+    # different method can be told apart as the user's choice.
+    if actual is None or actual is default:
+        return None
+    return str(actual.get_start_method())
+
+
+def _fallback() -> str:
+    return "forkserver" if sys.platform.startswith("linux") else "spawn"
+
+
+def choose_start(configured: str | None) -> StartPlan:
+    """Pick how to start workers now and later, with the reason ``explain()`` shows."""
+    if configured is not None:
+        return StartPlan(configured, configured, f"start method {configured} (configured)")
+    user = _user_start_method()
+    if user is not None:
+        return StartPlan(user, user, f"start method {user} (multiprocessing.set_start_method)")
+    later = _fallback()
+    if not sys.platform.startswith("linux"):
+        return StartPlan(later, later, f"start method {later} (fork is unsafe on this platform)")
+    if _cuda_initialised():
+        return StartPlan(later, later, f"start method {later}: CUDA is initialised in this "
+                                       "process, and a forked child cannot use it")
+    if threading.active_count() > 1 or threading.current_thread() is not threading.main_thread():
+        return StartPlan(later, later, f"start method {later}: this process runs "
+                                       f"{threading.active_count()} threads, so a fork could "
+                                       "inherit a held lock")
+    return StartPlan("fork", later, f"first workers forked from this single-threaded process "
+                                    f"(a few ms); replacements start with {later}")
+
+
+def start_cost(method: str) -> tuple[float, float]:
+    """(first worker, each further worker) start-up seconds: measured here, else defaults."""
+    return _MEASURED.get(method, _DEFAULTS.get(method, (0.05, 0.04)))
+
+
+def record_start_cost(method: str, first_seconds: float) -> None:
+    """Remember how long the first worker of ``method`` took to be ready in this process."""
+    if method not in _MEASURED:
+        _MEASURED[method] = (first_seconds, _DEFAULTS.get(method, (0.05, 0.04))[1])

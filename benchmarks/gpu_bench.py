@@ -1,0 +1,350 @@
+"""Benchmark of the model mode on the CPU: ``gpu.map_model`` against plain loops, and ``Batcher``
+against calling the function once per item.
+
+Run: ``python benchmarks/gpu_bench.py [--quick] [--json out.json]``
+
+Workloads, built here: an MLP over fixed-size vectors, and a masked 1-D conv net over ragged
+sequences (``length=len``). For each, items/s of
+
+* a plain loop calling the model on one item at a time (batch 1),
+* plain loops over fixed batches of 8, 32, 128 and 512 items in input order (for the ragged
+  workload also sorted longest first, shown for reference); the loops' rates do not depend on
+  the input's size, so the slow ones run a part of it,
+* ``map_model(devices="cpu")`` with its batch size found, end to end: worker start (a fresh
+  interpreter importing torch), model load, the batch-size probe, the run and the shutdown. The
+  time spent starting the worker and probing the batch size is shown apart (from amortune's
+  log), and so is the start-up alone (a one-batch call).
+
+Targets: ``map_model`` at least 5x the batch-1 loop and at least 0.9x the best fixed batch.
+
+``Batcher``: four threads submit items and wait for their results (one, or sixteen, outstanding
+per thread); the batched function is the MLP on a stacked numpy batch. Reported: client-side
+latency percentiles and throughput, against the four threads calling the function per item.
+Target: p99 latency at most ``max_wait`` plus twice the measured batch time.
+
+``map_model`` runs one CPU worker with the usable cores less one (left to the caller, which packs
+and unpacks batches); the loops run in this process with as many torch threads as that worker
+(``--loop-threads`` to change; ``--cores N`` pins everything to N cores). Wall-clock numbers on a
+shared machine are noisy: torch threads on cores that other processes also use stall each other
+(an operation waits for a descheduled thread), so the load average is printed with the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from amortune import gpu  # noqa: E402
+from amortune._batcher import Batcher  # noqa: E402
+
+FIXED = (8, 32, 128, 512)
+IN, HIDDEN, OUT = 64, 512, 10
+CHANNELS = 32
+
+
+def make_mlp() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(IN, HIDDEN), torch.nn.ReLU(),
+                               torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.ReLU(),
+                               torch.nn.Linear(HIDDEN, OUT)).eval()
+
+
+class ConvNet(torch.nn.Module):
+    """Two masked 1-D convolutions and a masked mean over ragged sequences of scalars."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Linear(1, CHANNELS)
+        self.conv1 = torch.nn.Conv1d(CHANNELS, CHANNELS, 5, padding=2)
+        self.conv2 = torch.nn.Conv1d(CHANNELS, CHANNELS, 5, padding=2)
+        self.head = torch.nn.Linear(CHANNELS, OUT)
+
+    def forward(self, values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(values.shape[1], device=values.device)
+        mask = (positions[None, :] < lengths[:, None]).unsqueeze(1).to(values.dtype)
+        h = self.embed(values.unsqueeze(-1)).transpose(1, 2) * mask
+        h = torch.relu(self.conv1(h)) * mask
+        h = torch.relu(self.conv2(h)) * mask
+        return self.head(h.sum(2) / lengths[:, None].to(values.dtype))
+
+
+def make_conv() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return ConvNet().eval()
+
+
+def mlp_data(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return list(torch.rand(n, IN, generator=g).unbind(0))
+
+
+def ragged_data(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(16, 257, (n,), generator=g)
+    return [torch.rand(int(k), generator=g) for k in lengths]
+
+
+def run_fixed(model: torch.nn.Module, data: list[torch.Tensor], size: int, ragged: bool,
+              sort: bool = False) -> list[torch.Tensor]:
+    order = sorted(range(len(data)), key=lambda i: -len(data[i])) if sort else range(len(data))
+    items = [data[i] for i in order]
+    out: list[torch.Tensor] = []
+    with torch.inference_mode():
+        for a in range(0, len(items), size):
+            chunk = items[a:a + size]
+            if ragged:
+                lengths = torch.tensor([len(x) for x in chunk])
+                batch = torch.nn.utils.rnn.pad_sequence(chunk, batch_first=True)
+                out.extend(model(batch, lengths).unbind(0))
+            else:
+                out.extend(model(torch.stack(chunk)).unbind(0))
+    if sort:
+        back: list[torch.Tensor] = [torch.empty(0)] * len(data)
+        for pos, i in enumerate(order):
+            back[i] = out[pos]
+        out = back
+    return out
+
+
+def run_one_by_one(model: torch.nn.Module, data: list[torch.Tensor], ragged: bool) -> list:
+    with torch.inference_mode():
+        if ragged:
+            return [model(x[None], torch.tensor([len(x)]))[0] for x in data]
+        return [model(x[None])[0] for x in data]
+
+
+def rate(fn, n: int, repeats: int) -> float:
+    """Items/s, best of ``repeats`` (the least disturbed run on a shared machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - began)
+    return n / best
+
+
+def bench_map_model(name: str, factory, data: list[torch.Tensor], ragged: bool,
+                    quick: bool) -> dict:
+    repeats = 1 if quick else 3
+    model = factory()
+    # The loops' rates do not depend on how many items they run: slow ones run a subset.
+    one_by_one = data[: len(data) // 40]
+    fixed_subset = data[: len(data) // (2 if ragged else 5)]
+    rows: dict[str, float] = {}
+    rows["loop, batch 1"] = rate(lambda: run_one_by_one(model, one_by_one, ragged),
+                                 len(one_by_one), repeats)
+    for size in FIXED:
+        part = one_by_one if size == 8 else fixed_subset
+        rows[f"loop, batch {size}"] = rate(lambda s=size, d=part: run_fixed(model, d, s, ragged),
+                                           len(part), repeats)
+    if ragged:
+        for size in FIXED:
+            rows[f"loop, batch {size}, longest first"] = rate(
+                lambda s=size: run_fixed(model, fixed_subset, s, ragged, sort=True),
+                len(fixed_subset), repeats)
+    kwargs = {"length": len} if ragged else {}
+    logged: list[str] = []
+    handler, level = _Capture(logged), gpu.log.level
+    gpu.log.addHandler(handler)
+    gpu.log.setLevel(logging.INFO)
+    try:
+        walls, out = [], None
+        for _ in range(1 if quick else 2):
+            began = time.perf_counter()
+            out = gpu.map_model(factory, data, devices="cpu", **kwargs)
+            walls.append(time.perf_counter() - began)
+        began = time.perf_counter()
+        gpu.map_model(factory, data[:64], devices="cpu", **kwargs)
+        startup = time.perf_counter() - began
+    finally:
+        gpu.log.removeHandler(handler)
+        gpu.log.setLevel(level)
+    reference = run_fixed(model, data, 512, ragged)
+    assert out is not None and torch.allclose(torch.stack(out), torch.stack(reference),
+                                              atol=1e-4), "map_model results differ"
+    wall = min(walls)
+    ran = [float(x) for m in logged for x in re.findall(r"batches in ([\d.]+) s", m)]
+    probed = [float(x) for m in logged for x in re.findall(r"probed in ([\d.]+) s", m)]
+    busy = [float(x) for m in logged for x in re.findall(r"workers busy ([\d.]+) s", m)]
+    rows["map_model (end to end)"] = len(data) / wall
+    rows["map_model (after start-up and probe)"] = len(data) / min(ran[: len(walls)])
+    fixed = {k: v for k, v in rows.items() if k.startswith("loop, batch") and "first" not in k
+             and k != "loop, batch 1"}
+    best_name = max(fixed, key=fixed.__getitem__)
+    return {"workload": name, "items": len(data), "items_per_second": rows,
+            "map_model_seconds": wall, "startup_seconds": startup,
+            "startup_and_probe_seconds": min(probed[: len(walls)]),
+            "worker_busy_fraction": max(b / r for b, r in zip(busy, ran, strict=False)),
+            "found": [m for m in logged if "batch size" in m],
+            "vs_batch1": rows["map_model (end to end)"] / rows["loop, batch 1"],
+            "vs_best_fixed": rows["map_model (end to end)"] / fixed[best_name],
+            "best_fixed": best_name}
+
+
+class _Capture(logging.Handler):
+    """Keeps amortune's log messages (the batch size each device found)."""
+
+    def __init__(self, sink: list[str]) -> None:
+        super().__init__(logging.INFO)
+        self.sink = sink
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.sink.append(record.getMessage())
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, int(q * len(ordered) + 0.5) - 1))]
+
+
+def bench_batcher(quick: bool) -> dict:
+    model = make_mlp()
+
+    def fn(batch: np.ndarray) -> np.ndarray:
+        with torch.inference_mode():
+            return model(torch.from_numpy(batch)).numpy()
+
+    per_thread = 500 if quick else 3000
+    g = np.random.default_rng(3)
+    items = [g.random(IN, dtype=np.float32) for _ in range(per_thread)]
+    max_wait = 0.002
+    out: dict = {"max_wait_seconds": max_wait, "threads": 4, "items_per_thread": per_thread}
+
+    def clients(submit, window: int) -> tuple[list[float], float]:
+        latencies: list[float] = []
+        lock = threading.Lock()
+
+        threads_wanted = torch.get_num_threads()
+
+        def client() -> None:
+            torch.set_num_threads(threads_wanted)  # OpenMP's setting is per thread
+            mine: list[float] = []
+            pending: list[tuple[float, object]] = []
+            for x in items:
+                pending.append((time.perf_counter(), submit(x)))
+                if len(pending) >= window:
+                    began, fut = pending.pop(0)
+                    _wait(fut)
+                    mine.append(time.perf_counter() - began)
+            for began, fut in pending:
+                _wait(fut)
+                mine.append(time.perf_counter() - began)
+            with lock:
+                latencies.extend(mine)
+
+        threads = [threading.Thread(target=client) for _ in range(4)]
+        began = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return latencies, 4 * per_thread / (time.perf_counter() - began)
+
+    for window in (1, 16):
+        with Batcher(fn, max_batch_size=64, max_wait=max_wait) as b:
+            lat, thr = clients(b.submit, window)
+            stats = b.stats()
+        batch_time = stats["batch_seconds_p50"]
+        p99 = percentile(lat, 0.99)
+        out[f"batcher, {window} outstanding per thread"] = {
+            "throughput": thr, "p50": percentile(lat, 0.5), "p95": percentile(lat, 0.95),
+            "p99": p99, "batch_size_mean": stats["batch_size_mean"],
+            "batch_seconds_p50": batch_time, "p99_bound": max_wait + 2 * batch_time,
+            "p99_target_met": p99 <= max_wait + 2 * batch_time}
+    lat, thr = clients(lambda x: _Done(fn(x[None])[0]), 1)
+    out["per-item calls (4 threads)"] = {"throughput": thr, "p50": percentile(lat, 0.5),
+                                         "p95": percentile(lat, 0.95),
+                                         "p99": percentile(lat, 0.99)}
+    return out
+
+
+class _Done:
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+def _wait(fut) -> None:
+    fut.result()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller inputs, single runs")
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--cores", type=int, help="pin this process and its workers to this "
+                        "many cores")
+    parser.add_argument("--loop-threads", type=int, help="torch threads of the in-process loops "
+                        "(default: as many as map_model's CPU worker gets)")
+    args = parser.parse_args()
+    if args.cores:
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
+    # Like with like: the loops get the torch threads map_model gives its one CPU worker.
+    torch.set_num_threads(args.loop_threads or gpu.worker_threads(1))
+    # map_model pays a fresh interpreter importing torch (seconds): big inputs amortise it,
+    # as a real model run over a data set does.
+    n_mlp, n_conv = (200_000, 8_000) if args.quick else (1_000_000, 40_000)
+    load_before = os.getloadavg()[0]
+    report = {"cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(),
+              "quick": args.quick, "workloads": []}
+    for name, factory, data, ragged in (
+            ("MLP 64-512-512-10", make_mlp, mlp_data(n_mlp), False),
+            ("conv1d, ragged 16-256", make_conv, ragged_data(n_conv), True)):
+        report["workloads"].append(bench_map_model(name, factory, data, ragged, args.quick))
+    report["batcher"] = bench_batcher(args.quick)
+    report["load_average"] = [load_before, os.getloadavg()[0]]
+    print_report(report)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2))
+
+
+def print_report(report: dict) -> None:
+    print(f"cores: {report['cores']}, torch threads: {report['torch_threads']}, "
+          f"load average before/after: {report['load_average'][0]:.1f}/"
+          f"{report['load_average'][1]:.1f}")
+    for w in report["workloads"]:
+        print(f"\n## {w['workload']}, {w['items']} items\n")
+        print("| run | items/s |\n|---|---|")
+        for k, v in w["items_per_second"].items():
+            print(f"| {k} | {v:,.0f} |")
+        print(f"\nmap_model: {w['map_model_seconds']:.2f} s end to end, of which "
+              f"{w['startup_and_probe_seconds']:.2f} s worker start-up and batch-size probe "
+              f"(start-up alone, one batch: {w['startup_seconds']:.2f} s); the worker was busy "
+              f"{100 * w['worker_busy_fraction']:.0f} % of the run; found: "
+              f"{'; '.join(w['found']) or '?'}")
+        ok1 = "met" if w["vs_batch1"] >= 5 else "MISSED"
+        ok2 = "met" if w["vs_best_fixed"] >= 0.9 else "MISSED"
+        print(f"target >= 5x batch 1: {w['vs_batch1']:.1f}x ({ok1}); target >= 0.9x best fixed "
+              f"({w['best_fixed']}): {w['vs_best_fixed']:.2f}x ({ok2})")
+    b = report["batcher"]
+    print(f"\n## Batcher, 4 threads x {b['items_per_thread']} items, max_wait "
+          f"{b['max_wait_seconds'] * 1e3:.0f} ms, max_batch_size 64\n")
+    print("| run | items/s | p50 ms | p95 ms | p99 ms | mean batch | batch p50 ms | p99 bound ms |")
+    print("|---|---|---|---|---|---|---|---|")
+    for k, v in b.items():
+        if not isinstance(v, dict):
+            continue
+        bound = f"{v['p99_bound'] * 1e3:.2f} ({'met' if v['p99_target_met'] else 'MISSED'})" \
+            if "p99_bound" in v else "–"
+        mean = f"{v['batch_size_mean']:.1f}" if "batch_size_mean" in v else "1"
+        bt = f"{v['batch_seconds_p50'] * 1e3:.2f}" if "batch_seconds_p50" in v else "–"
+        print(f"| {k} | {v['throughput']:,.0f} | {v['p50'] * 1e3:.2f} | {v['p95'] * 1e3:.2f} | "
+              f"{v['p99'] * 1e3:.2f} | {mean} | {bt} | {bound} |")
+
+
+if __name__ == "__main__":
+    main()
