@@ -144,6 +144,49 @@ def _stop_iteration_error(exc: StopIteration | None) -> RuntimeError:
     return err
 
 
+#: The namespace every by-value ``__main__`` function shares in this worker, as functions of one
+#: module share its globals: what the initializer sets (``STATE["model"] = ...``) the function
+#: then sees, although each arrived in a pickle of its own.
+_MAIN_GLOBALS: dict[str, Any] = {}
+
+
+def share_main_globals(obj: Any, _seen: dict[int, Any] | None = None) -> Any:
+    """``obj`` with its ``__main__`` functions rebound to this worker's one shared namespace.
+
+    cloudpickle gives each function pickled by value a fresh globals dict, so an initializer
+    and the function it prepares would not see each other's module state. Data already in the
+    shared namespace is kept (module state lives on between calls, as in a real module); newer
+    functions and classes replace older ones, and the ``__main__`` functions it calls are
+    rebound too.
+    """
+    import types
+
+    seen = {} if _seen is None else _seen
+    if isinstance(obj, tuple):
+        return tuple(share_main_globals(x, seen) for x in obj)
+    if not isinstance(obj, types.FunctionType) or obj.__module__ != "__main__":
+        return obj
+    if obj.__globals__ is _MAIN_GLOBALS:
+        return obj
+    if id(obj) in seen:
+        return seen[id(obj)]
+    shared = types.FunctionType(obj.__code__, _MAIN_GLOBALS, obj.__name__, obj.__defaults__,
+                                obj.__closure__)
+    shared.__kwdefaults__ = obj.__kwdefaults__
+    shared.__qualname__ = obj.__qualname__
+    shared.__dict__.update(obj.__dict__)
+    seen[id(obj)] = shared
+    for name, value in list(obj.__globals__.items()):
+        if isinstance(value, types.FunctionType) and value.__module__ == "__main__":
+            _MAIN_GLOBALS[name] = share_main_globals(value, seen)
+        elif (name not in _MAIN_GLOBALS or isinstance(value, (type, types.ModuleType))
+              or callable(value)):
+            _MAIN_GLOBALS[name] = value
+    if obj.__qualname__ == obj.__name__:
+        _MAIN_GLOBALS[obj.__name__] = shared  # other functions calling it find this one
+    return shared
+
+
 def limit_native_threads(n_threads: int | None) -> None:
     """Cap OpenMP/BLAS pools at ``n_threads``: env vars for pools not started yet, threadpoolctl
     for libraries already loaded (a fork or a preloaded ``__main__`` that imported numpy)."""
@@ -244,7 +287,7 @@ def worker_main(
     try:
         if initializer is not None:
             try:
-                init, initargs = pickle.loads(initializer)
+                init, initargs = share_main_globals(pickle.loads(initializer))
                 init(*initargs)
             except BaseException as exc:
                 conn.send_bytes(dumps(InitError(capture(exc, None))))
@@ -327,7 +370,7 @@ class _Server:
             self.called.discard(old)
         had_native = any(m in sys.modules for m in _NATIVE_POOL_MODULES)
         try:
-            self.funcs[msg.token] = pickle.loads(msg.payload)
+            self.funcs[msg.token] = share_main_globals(pickle.loads(msg.payload))
         except BaseException as exc:  # reported with the first task that needs it
             self.funcs[msg.token] = _LoadFailed(capture(exc, None))
         if not had_native:  # the function's module may have loaded numpy just now
