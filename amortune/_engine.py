@@ -35,6 +35,9 @@ __all__ = ["CallOptions", "sample_stats", "stream"]
 log = logging.getLogger("amortune")
 #: A serial run re-plans at most this often (chunks of ~20 ms between checks).
 SERIAL_TARGET_CHUNK_SECONDS = 0.02
+#: A chunk runs at least this many dispatch costs long (2.5% overhead): 6 ms locally, where the
+#: 50 ms target wins; ~0.1 s on a Dask cluster, where one task costs ~2.5 ms (dask_bench.py).
+DISPATCH_SHARE_FACTOR = 40
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,7 @@ def _open_backend(run: PlannedRun, config: Config, opts: CallOptions,
                   n_jobs: int) -> tuple[Backend, bool]:
     """The backend for this plan, and whether this call owns it (and must shut it down)."""
     if run.backend is not None:
-        return run.backend, False
+        return run.backend, run.backend_owned
     kind = run.plan.executor
     if kind == "threads":
         from .backends.threads import ThreadBackend
@@ -87,8 +90,10 @@ def _policy(run: PlannedRun, config: Config, backend: Backend, n_workers: int) -
                            SERIAL_TARGET_CHUNK_SECONDS)
     dispatch = info.dispatch_seconds or (
         THREAD_DISPATCH_SECONDS if info.in_caller else PROCESS_DISPATCH_SECONDS)
-    return ChunkPolicy(plan.chunksize, n_workers, config.target_chunk_seconds,
-                       dispatch_seconds=dispatch)
+    # A costly dispatch (a cluster task: ~2.5 ms of scheduler work) needs longer chunks for it
+    # to stay a small share of the work.
+    target = max(config.target_chunk_seconds, DISPATCH_SHARE_FACTOR * dispatch)
+    return ChunkPolicy(plan.chunksize, n_workers, target, dispatch_seconds=dispatch)
 
 
 def _setup(run: PlannedRun, opts: CallOptions) -> WorkerSetup:

@@ -162,7 +162,8 @@ def process_chunksize(p: WorkloadProfile, n_items: int, n_jobs: int, target: flo
                       dispatch_seconds: float = PROCESS_DISPATCH_SECONDS) -> int:
     per_item = p.item_wall_seconds + p.pickle_in_seconds + p.pickle_out_seconds
     # No chunk shorter than one round of dispatches: the caller hands out every chunk.
-    by_time = max(1, int(max(target, n_jobs * dispatch_seconds) / max(per_item, 1e-9)))
+    by_time = max(1, int(max(target, n_jobs * dispatch_seconds, 40 * dispatch_seconds)
+                         / max(per_item, 1e-9)))
     by_balance = max(1, math.ceil(n_items / (MIN_CHUNKS_PER_WORKER * n_jobs)))
     return max(1, min(by_time, by_balance))
 

@@ -43,6 +43,8 @@ class PlannedRun:
     #: The caller chose where items run (``backend=``/``executor=``): the caller then runs no
     #: item beyond the sample, not even while workers start.
     executor_pinned: bool = False
+    #: ``backend`` was built for this call (from a name or an address): shut down at its end.
+    backend_owned: bool = False
 
 
 def normalise_n_jobs(n_jobs: int | None, cores: int) -> int | None:
@@ -100,15 +102,22 @@ def plan_run(
     if chunksize is not None and (not isinstance(chunksize, int) or chunksize < 1):
         raise ValueError(f"chunksize must be >= 1 or None, got {chunksize!r}")
     system = probe_system(config)
-    n_jobs = normalise_n_jobs(n_jobs, system.usable_cores)
     backend: Backend | None = None
     pinned = executor is not None
+    owned = False
     if executor is not None:
-        resolved = resolve_backend(executor, n_jobs=n_jobs, config=config)
+        # Backends built from a name or an address belong to this call; one passed in is the
+        # caller's to shut down.
+        owned = not isinstance(executor, Backend)
+        resolved = resolve_backend(executor, n_jobs=n_jobs if (n_jobs or 0) > 0 else None,
+                                   config=config)
         if isinstance(resolved, Backend):
             backend, executor = resolved, None
         else:
-            executor = resolved
+            executor, owned = resolved, False
+    # -1 is every slot there is: this machine's usable cores, or a cluster's worker threads.
+    slots = backend.capacity() if backend is not None else system.usable_cores
+    n_jobs = normalise_n_jobs(n_jobs, slots)
     reasons: list[str] = []
     warnings: list[str] = []
     if backend is None and executor in (None, "processes") and _in_daemon_process():
@@ -182,7 +191,7 @@ def plan_run(
         plan = dataclasses.replace(plan, executor=backend.name)
     return PlannedRun(plan, sampled, system, chunksize_pinned=chunksize is not None,
                       fallbacks=tuple(warnings), backend=backend, n_jobs_limit=n_jobs,
-                      executor_pinned=pinned)
+                      executor_pinned=pinned, backend_owned=owned and backend is not None)
 
 
 def _in_daemon_process() -> bool:

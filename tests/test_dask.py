@@ -629,10 +629,8 @@ def test_star_per_chunk_and_initializer(client: Any, tmp_path: Path) -> None:
         a + b for a, b in pairs]
     doubled = bounded(amortune.execute, double_all, range(100), per_chunk=True, backend=client)
     assert doubled == [2 * x for x in range(100)]
-    from functools import partial
-
     out = bounded(amortune.execute, saw_init, [str(tmp_path)] * 200, backend=client,
-                           initializer=partial(record_init, str(tmp_path)), config=FEW_SAMPLES)
+                  initializer=record_init, initargs=(str(tmp_path),), config=FEW_SAMPLES)
     assert all(ran for _, ran in out)
     workers = {int(f.name.split("-")[1]) for f in tmp_path.glob("init-*")}
     assert {pid for pid, _ in out} <= workers | {os.getpid()}
