@@ -387,14 +387,29 @@ def _check_chunksize(chunksize: int | None) -> int | None:
     return size
 
 
+#: Recently sent functions: ``apply_async`` in a loop pickles its function once, not per call.
+#: Only functions pickled by reference are kept (a closure's pickled state may change).
+_REFS: dict[int, tuple[Any, FunctionRef]] = {}
+_REFS_SIZE = 16
+
+
 def _function_ref(func: Callable[..., Any]) -> FunctionRef:
     """The function as workers receive it; fails here, before any item runs, if it cannot travel."""
+    hit = _REFS.get(id(func))
+    if hit is not None and hit[0] is func:
+        return hit[1]
     ref = FunctionRef(func)
     try:
         ref.payload  # noqa: B018 - pickle now
     except Exception as exc:
         raise NotPicklableError(
             f"{func!r} cannot be pickled to send it to worker processes: {exc}") from exc
+    from ._serde import pickled_by_reference
+
+    if pickled_by_reference(func):
+        if len(_REFS) >= _REFS_SIZE:
+            _REFS.pop(next(iter(_REFS)))
+        _REFS[id(func)] = (func, ref)
     return ref
 
 

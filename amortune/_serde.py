@@ -49,6 +49,11 @@ def _by_reference(func: Any) -> bool:
     return bool(getattr(obj, "__func__", None) is getattr(func, "__func__", object()))
 
 
+def pickled_by_reference(func: Any) -> bool:
+    """Whether :func:`dumps_function` sends ``func`` by module and name (not by value)."""
+    return _by_reference(func)
+
+
 def dumps_function(func: Any) -> bytes:
     """A function as workers receive it: by reference when importable, by value otherwise.
 
