@@ -36,6 +36,10 @@ CHECK_SECONDS = 0.02
 #: is mostly islice/map/extend overhead, ~1 µs per call on the reference machine).
 MIN_TIMED_SECONDS = 0.5e-3
 MIN_TIMED_ITEMS = 1024
+#: The same numbers as ``_model.PIPE_BYTES_PER_SECOND`` and ``_model.MIN_SPEEDUP`` (that module
+#: is not imported here: the first look must stay cheap); tests/test_model.py keeps them equal.
+PIPE_BYTES_PER_SECOND = 1.0e9
+MIN_SPEEDUP = 1.2
 
 
 class QuickOutcome:
@@ -46,6 +50,19 @@ class QuickOutcome:
     def __init__(self, results: list[Any], rest: Iterator[Any] | None, n_rest: int | None,
                  item_seconds: float) -> None:
         self.results, self.rest, self.n_rest, self.item_seconds = results, rest, n_rest, item_seconds
+
+
+def _moving_costs_more(result: Any, item_seconds: float) -> bool:
+    """True when sending a result back from a worker costs more than computing it saves.
+
+    A parallel run unpickles every result in the caller, one after another: with buffers of
+    ``nbytes`` that alone takes ``nbytes / PIPE_BYTES_PER_SECOND`` per item, and when that
+    exceeds the item's compute time divided by the 1.2x rule, no number of workers can win.
+    """
+    nbytes = getattr(result, "nbytes", None)
+    if not isinstance(nbytes, int) or isinstance(result, memoryview):
+        return False
+    return nbytes / PIPE_BYTES_PER_SECOND * MIN_SPEEDUP >= item_seconds
 
 
 def _stopped() -> RuntimeError:
@@ -95,7 +112,8 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
             # A chunk shorter than MIN_TIMED_SECONDS is mostly the loop's own overhead: keep
             # doubling until the rate is measured, then judge the rest by it.
             timed = took >= MIN_TIMED_SECONDS or size >= MIN_TIMED_ITEMS
-            if timed and left * per_item > threshold_seconds:
+            if timed and left * per_item > threshold_seconds and not _moving_costs_more(
+                    out[-1], per_item):
                 return QuickOutcome(out, it, left, per_item)
             size = max(1, min(left, size * 2, int(CHECK_SECONDS / max(per_item, 1e-9))))
     except BaseException as exc:

@@ -463,3 +463,11 @@ def test_planning_starts_no_process_and_a_pool_leaves_the_warm_pool_alone() -> N
 
 def test_imap_streams_an_endless_generator() -> None:
     assert list(itertools.islice(amortune.imap(abs, itertools.count(-3)), 5)) == [3, 2, 1, 0, 1]
+
+
+def test_large_results_that_cost_more_to_move_than_to_make_stay_serial() -> None:
+    from amortune._quick import quick_serial
+
+    got = quick_serial(tasks.return_mb, range(300), threshold_seconds=0.0)
+    assert got is not None and got.rest is None  # every item ran here: moving them costs more
+    assert len(got.results) == 300

@@ -499,3 +499,10 @@ def test_estimate_safe_batch_size_fits_the_budget(
     if b > 1:
         assert b * size <= fraction * available * (1 + 1e-9)
         assert (b + 1) * size > fraction * available * (1 - 1e-9)
+
+
+def test_the_first_look_uses_the_models_constants() -> None:
+    from amortune import _model, _quick
+
+    assert _quick.PIPE_BYTES_PER_SECOND == _model.PIPE_BYTES_PER_SECOND
+    assert _quick.MIN_SPEEDUP == _model.MIN_SPEEDUP
