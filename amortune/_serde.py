@@ -8,7 +8,6 @@ refuses), so workers, the spill files and the checkpoint share one behaviour.
 
 from __future__ import annotations
 
-import pickle
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +21,8 @@ INPUT_NOTE = "amortune: raised by the input while reading item"
 
 def dumps(obj: Any) -> bytes:
     """Pickle with the fast stdlib pickler; fall back to cloudpickle for lambdas and closures."""
+    import pickle  # here, not at the top: a serial first look never pickles (~3 ms import)
+
     try:
         return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
@@ -61,6 +62,8 @@ def dumps_function(func: Any) -> bytes:
     file and source line. ``__main__`` functions, lambdas, closures and locally defined classes'
     methods travel by value with cloudpickle.
     """
+    import pickle
+
     if _by_reference(func):
         try:
             return pickle.dumps(func, protocol=pickle.HIGHEST_PROTOCOL)

@@ -12,8 +12,10 @@ measurement is a new interpreter running a small generated script, as a user wou
 imports (numpy first on the numpy rows), then the input is built, then ONE call is timed, pool
 creation and shutdown included for everyone. The script prints JSON: the seconds, a checksum of
 the results (compared with the loop's) and its ``getrusage`` peaks; this process adds the life
-of the process from start to exit and, on the 1 MiB rows, the peak PSS of its whole process tree
-(sampled every 25 ms, and by the probe right after the call). Contestants run interleaved:
+of the process from start to exit. On the 1 MiB rows every contestant runs once more in another
+fresh process, untimed, for the peak PSS of its whole process tree (sampled every 25 ms, and by
+the probe right after the call): sampling a process's memory slows it down, unevenly, so memory
+and time never come from the same run. Contestants run interleaved:
 within a repeat every contestant runs once per workload, back to back, the order rotated every
 workload and repeat; ratios are medians of per-repeat ratios, so a neighbour's burst of work
 hits every contestant alike.
@@ -138,13 +140,13 @@ def memory_row(spec: cw.Spec) -> bool:
     return spec.kind in ("results", "inputs")
 
 
-def probe_source(spec: cw.Spec, contestant: str) -> str:
+def probe_source(spec: cw.Spec, contestant: str, *, memory: bool = False) -> str:
     if contestant == PREDICT:
         imports, body, timed = "import amortune", "pass", TIMED_OPTIMIZE
     else:
         imports, body = (MPIRE_SINGLE if contestant == "mpire" and spec.iterable_items
                          else CONTESTANTS[contestant])
-        timed = TIMED_CALL.format(snapshot=SNAPSHOT if memory_row(spec) else "")
+        timed = TIMED_CALL.format(snapshot=SNAPSHOT if memory else "")
     return PROBE.format(title=f"{contestant} on {spec.name}",
                         top="import numpy as np  # noqa: F401\n\n" if spec.numpy_at_top else "",
                         imports=imports, body=body, timed=timed)
@@ -302,28 +304,35 @@ def median(values: Sequence[float]) -> float:
 def bench(specs: list[cw.Spec], names: list[str], reps: int, scale: float, steps: int,
           per_step: float, folder: str, timeout: float) -> dict[str, dict[str, Any]]:
     """Every contestant on every spec, ``reps`` times, interleaved; raw per-repeat records."""
-    scripts: dict[tuple[str, str], str] = {}
+    scripts: dict[tuple[str, str, bool], str] = {}
     for spec in specs:
         for c in [*names, PREDICT]:
-            path = os.path.join(folder, f"probe_{len(scripts):02d}.py")
-            with open(path, "w", encoding="utf-8") as f:
-                f.write(probe_source(spec, c))
-            scripts[spec.name, c] = path
+            for memory in (False, True) if memory_row(spec) and c != PREDICT else (False,):
+                path = os.path.join(folder, f"probe_{len(scripts):02d}.py")
+                with open(path, "w", encoding="utf-8") as f:
+                    f.write(probe_source(spec, c, memory=memory))
+                scripts[spec.name, c, memory] = path
     raw: dict[str, dict[str, Any]] = {
-        s.name: {"runs": {c: [] for c in names}, "predict": []} for s in specs}
+        s.name: {"runs": {c: [] for c in names}, "memory": {c: [] for c in names},
+                 "predict": []} for s in specs}
     for rep in range(reps):
         for k, spec in enumerate(specs):
             arg = json.dumps([spec.name, scale, steps, per_step])
             shift = (rep + k) % len(names)
             order = names[shift:] + names[:shift]
-            memory = memory_row(spec)
             got: dict[str, dict[str, Any]] = {}
             for c in order:
-                got[c] = run_fresh([sys.executable, scripts[spec.name, c], arg],
-                                   timeout=timeout, sample_memory=memory)
+                got[c] = run_fresh([sys.executable, scripts[spec.name, c, False], arg],
+                                   timeout=timeout)
                 raw[spec.name]["runs"][c].append(got[c])
             raw[spec.name]["predict"].append(
-                run_fresh([sys.executable, scripts[spec.name, PREDICT], arg], timeout=timeout))
+                run_fresh([sys.executable, scripts[spec.name, PREDICT, False], arg],
+                          timeout=timeout))
+            if memory_row(spec):
+                for c in order:
+                    raw[spec.name]["memory"][c].append(
+                        run_fresh([sys.executable, scripts[spec.name, c, True], arg],
+                                  timeout=timeout, sample_memory=True))
             print(f"  rep {rep + 1}/{reps} {spec.name}: " + ", ".join(
                 f"{c} {got[c]['seconds']:.3f}s" if "seconds" in got[c] else f"{c} FAILED"
                 for c in names), file=sys.stderr)
@@ -388,10 +397,18 @@ def summarize(spec: cw.Spec, rec: dict[str, Any], names: list[str], cores: int,
         "others": median([r["others"] for r in runs["loop"] if "others" in r]),
         "leftover": {c: max(r["leftover"] for r in runs[c]) for c in names},
     }
-    if spec.kind in ("results", "inputs"):
-        row["peak"] = {c: median([r["peak_pss"] for r in runs[c] if r.get("peak_pss")])
+    mem: dict[str, list[dict[str, Any]]] = rec["memory"]
+    if memory_row(spec) and mem["loop"]:
+        row["peak"] = {c: median([r["peak_pss"] for r in mem[c] if r.get("peak_pss")])
                        for c in names}
-        row["peak_ratio"] = {c: median(ratios(c, "peak_pss")) for c in names}
+        row["peak_ratio"] = {c: median([m["peak_pss"] / b["peak_pss"]
+                                        for m, b in zip(mem[c], mem["loop"], strict=True)
+                                        if m.get("peak_pss") and b.get("peak_pss")])
+                             for c in names}
+        for c in names:
+            for r in mem[c]:
+                if "error" in r:
+                    failed.setdefault(c, r["error"].strip().splitlines()[-1][:200])
     return row
 
 
@@ -556,7 +573,7 @@ def report(rows: list[dict[str, Any]], names: list[str], cores: int,
         mem = [r for r in rows if "peak" in r]
         if mem:
             md += ["", "### Peak memory: PSS of the process tree, sampled every 25 ms and right "
-                   "after the call (median MiB; ÷ the loop's)", ""]
+                   "after the call, in separate untimed runs (median MiB; ÷ the loop's)", ""]
             md += _table(["workload", *names],
                          [[r["spec"].name, *(f"{r['peak'][c] / MIB:.0f} ({_x(r['peak_ratio'][c])})"
                                              for c in names)] for r in mem])
