@@ -436,3 +436,10 @@ def late_spin(x: int) -> int:
     if x >= 150:
         spin(0.004)
     return x
+
+
+def zeros_8mb(x: int) -> Any:
+    """A large result that is almost free to make: 8 MiB of lazily mapped zeros."""
+    import numpy as np
+
+    return np.zeros(1 << 20)

@@ -468,6 +468,7 @@ def test_imap_streams_an_endless_generator() -> None:
 def test_large_results_that_cost_more_to_move_than_to_make_stay_serial() -> None:
     from amortune._quick import quick_serial
 
-    got = quick_serial(tasks.return_mb, range(300), threshold_seconds=0.0)
+    # 8 MiB of zeros costs microseconds to make (the pages are mapped lazily) and ~8 ms to send.
+    got = quick_serial(tasks.zeros_8mb, range(300), threshold_seconds=0.0)
     assert got is not None and got.rest is None  # every item ran here: moving them costs more
     assert len(got.results) == 300

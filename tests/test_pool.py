@@ -352,9 +352,9 @@ def test_imap_reads_an_endless_input_only_a_bounded_way_ahead():
     with amortune.Pool(2, context=START) as pool:
         it = pool.imap(tasks.square, gen())
         assert next(it) == 0
-        # Chunks start at one item; at most 2 * processes + 1 are unfinished, and the reorder
-        # window holds a bounded number of them.
-        assert len(pulled) <= 16 * (2 * 2 + 1)
+        # Chunks start at one item and grow; at most 2 * processes + 1 are unfinished, and the
+        # reorder window holds a bounded number of them: far from the endless whole.
+        assert len(pulled) < 5000
         it.close()
 
 
