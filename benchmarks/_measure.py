@@ -45,7 +45,7 @@ def same(got: Any, expected: Sequence[Any]) -> bool:
 
 
 class PlanRecorder:
-    """Records the plans ``amortune.execute`` used, by wrapping its internal ``plan_run``.
+    """Records the plans ``amortune.execute`` used, by wrapping the planner's ``plan_run``.
 
     A benchmark-only peek behind the public API (``optimize`` samples afresh, so its plan can
     differ from the one a timed call ran); if the internal name moves, nothing is recorded.
@@ -56,7 +56,7 @@ class PlanRecorder:
 
     @contextlib.contextmanager
     def recording(self, active: bool = True) -> Iterator[None]:
-        import amortune._batches as batches
+        import amortune._optimize as batches  # execute imports plan_run from here per call
 
         original = getattr(batches, "plan_run", None)
         if not active or original is None:
