@@ -35,7 +35,7 @@ import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -229,6 +229,24 @@ class ChunkFuture(Future):  # type: ignore[type-arg]
         if hook is not None and not self.done():
             hook(self)
         return False
+
+
+def settle(fut: Future[Any], exc: BaseException | None = None, result: Any = None) -> None:
+    """Finish ``fut`` unless it is already done (a caller may have cancelled it meanwhile)."""
+    try:
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(result)
+    except InvalidStateError:
+        pass
+
+
+def failed(exc: BaseException) -> Future[ChunkOutcome]:
+    """A future that already failed with ``exc`` (a task that could not be sent)."""
+    fut: Future[ChunkOutcome] = Future()
+    fut.set_exception(exc)
+    return fut
 
 
 class Backend(ABC):

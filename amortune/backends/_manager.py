@@ -22,7 +22,7 @@ import os
 import pickle
 import threading
 import time
-from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
@@ -43,7 +43,7 @@ from .._protocol import (
 )
 from .._serde import dumps
 from .._worker import FUNC_CACHE_SIZE, load_prctl, worker_main
-from ._base import ChunkFuture, ChunkOutcome, ChunkTask, Slot
+from ._base import ChunkFuture, ChunkOutcome, ChunkTask, Slot, settle
 from ._start import record_start_cost
 
 __all__ = ["Flags", "Manager", "Pending", "settle"]
@@ -64,17 +64,6 @@ _START_RETRY_SECONDS = 0.1
 
 
 _ENV_LOCK = threading.Lock()
-
-
-def settle(fut: Future[Any], exc: BaseException | None = None, result: Any = None) -> None:
-    """Finish ``fut`` unless it is already done (a caller may cancel a pending one meanwhile)."""
-    try:
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-    except InvalidStateError:
-        pass
 
 
 class Pending:

@@ -36,7 +36,7 @@ import time
 import uuid
 import weakref
 from collections.abc import Mapping, Sequence
-from concurrent.futures import CancelledError, Future, InvalidStateError
+from concurrent.futures import CancelledError, Future
 from concurrent.futures import wait as wait_futures
 from typing import Any, NamedTuple
 
@@ -67,6 +67,8 @@ from ._base import (
     ChunkTask,
     Slot,
     WorkerSetup,
+    failed,
+    settle,
 )
 
 try:
@@ -369,22 +371,6 @@ class _Running(NamedTuple):
     items_ref: Any
 
 
-def _settle(fut: Future[Any], exc: BaseException | None = None, result: Any = None) -> None:
-    try:
-        if exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.set_result(result)
-    except InvalidStateError:
-        pass
-
-
-def _failed(exc: BaseException) -> Future[ChunkOutcome]:
-    fut: Future[ChunkOutcome] = Future()
-    fut.set_exception(exc)
-    return fut
-
-
 #: Measured per-task cost by client, so backends made again for one client do not re-measure.
 _DISPATCH: weakref.WeakKeyDictionary[Any, float] = weakref.WeakKeyDictionary()
 _LOST_TYPES: tuple[type[BaseException], ...] = (distributed.KilledWorker, CommClosedError)
@@ -654,13 +640,13 @@ class DaskBackend(Backend):
         if self._closed:
             raise RuntimeError("cannot submit to a Dask backend that is shut down")
         if task.timeout_seconds is not None:
-            return _failed(AmortuneError(
+            return failed(AmortuneError(
                 "timeout= needs a backend that can stop an item midway; a Dask task cannot be "
                 "stopped once it runs (use the local processes backend for timeouts)"))
         try:
             fn_payload, fn_token = task.fn.payload, task.fn.token
         except Exception as exc:
-            return _failed(NotPicklableError(
+            return failed(NotPicklableError(
                 f"the function {task.fn.func!r} cannot be pickled to send it to Dask: {exc}"))
         try:
             items = dumps(task.items)
@@ -668,7 +654,7 @@ class DaskBackend(Backend):
             bad = first_unpicklable(task.items, task.start)
             err = NotPicklableError(f"item {bad} cannot be pickled to send it to Dask: {exc}")
             note_item(err, bad)
-            return _failed(err)
+            return failed(err)
         try:
             setup_args = self._setup_args(task.setup)
             fn_ref = self._share("fn", fn_token, fn_payload)
@@ -682,7 +668,7 @@ class DaskBackend(Backend):
                 resources=self._resources)
         except Exception as exc:
             if self._lost(exc):
-                return _failed(self._crashed(exc, task.indices))
+                return failed(self._crashed(exc, task.indices))
             raise
         chunk = _DaskChunkFuture(self._cancel)
         chunk.dask_future = dask_future
@@ -762,10 +748,10 @@ class DaskBackend(Backend):
             try:
                 reply = await dask_future
             except asyncio.CancelledError:  # the loop itself is stopping (the client closes)
-                _settle(chunk, self._failure(CancelledError(), chunk, running.indices))
+                settle(chunk, self._failure(CancelledError(), chunk, running.indices))
                 raise
             except BaseException as exc:  # noqa: B036 - every kind of failure settles the chunk
-                _settle(chunk, self._failure(exc, chunk, running.indices))
+                settle(chunk, self._failure(exc, chunk, running.indices))
                 return
             if chunk.done():
                 return
@@ -775,12 +761,12 @@ class DaskBackend(Backend):
                 else:
                     outcome = self._outcome(reply, start)
             except BaseException as exc:  # noqa: B036
-                _settle(chunk, exc)
+                settle(chunk, exc)
                 return
             if isinstance(outcome, BaseException):
-                _settle(chunk, outcome)
+                settle(chunk, outcome)
             else:
-                _settle(chunk, result=outcome)
+                settle(chunk, result=outcome)
         finally:
             with self._lock:
                 self._running.pop(key, None)
@@ -850,7 +836,7 @@ class DaskBackend(Backend):
         try:  # from any thread, without waiting (the hook may run on the event loop itself)
             self.client.loop.add_callback(self.client.cancel, [dask_future])
         except Exception as exc:  # the client is gone: nothing will settle it but us
-            _settle(chunk, CancelledError(f"cancelled ({exc!r})"))
+            settle(chunk, CancelledError(f"cancelled ({exc!r})"))
 
     def shutdown(self, wait: bool = True, *, kill: bool = False) -> None:
         """Stop using the cluster: after outstanding chunks (default), or cancelling them (kill).
@@ -870,7 +856,7 @@ class DaskBackend(Backend):
             except Exception:
                 pass
             for r in running:
-                _settle(r.chunk, CancelledError("the Dask backend was shut down"))
+                settle(r.chunk, CancelledError("the Dask backend was shut down"))
         elif wait and running:
             wait_futures([r.chunk for r in running])
         if already:

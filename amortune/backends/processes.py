@@ -19,7 +19,16 @@ from typing import Any
 from .._errors import AmortuneError, NotPicklableError
 from .._model import PROCESS_DISPATCH_SECONDS
 from .._serde import dumps, first_unpicklable, note_item
-from ._base import Backend, BackendInfo, ChunkFuture, ChunkOutcome, ChunkTask, Slot, WorkerSetup
+from ._base import (
+    Backend,
+    BackendInfo,
+    ChunkFuture,
+    ChunkOutcome,
+    ChunkTask,
+    Slot,
+    WorkerSetup,
+    failed,
+)
 from ._manager import Flags, Manager, Pending
 from ._start import choose_start, start_cost
 
@@ -27,12 +36,6 @@ __all__ = ["PROCESS_DISPATCH_SECONDS", "ProcessBackend"]
 
 #: Every process backend not yet stopped, so the exit handler can stop the ones nobody closed.
 LIVE: weakref.WeakSet[ProcessBackend] = weakref.WeakSet()
-
-
-def _failed(exc: BaseException) -> Future[ChunkOutcome]:
-    fut: Future[ChunkOutcome] = Future()
-    fut.set_exception(exc)
-    return fut
 
 
 class ProcessBackend(Backend):
@@ -140,7 +143,7 @@ class ProcessBackend(Backend):
             err = NotPicklableError(
                 f"the function {task.fn.func!r} cannot be pickled to send it to a worker: {exc}")
             err.__cause__ = exc
-            return _failed(err)
+            return failed(err)
         try:
             payload = dumps(task.items)
         except Exception as exc:
@@ -148,13 +151,13 @@ class ProcessBackend(Backend):
             err = NotPicklableError(f"item {bad} cannot be pickled to send it to a worker: {exc}")
             err.__cause__ = exc
             note_item(err, bad)
-            return _failed(err)
+            return failed(err)
         fut = ChunkFuture(self._cancel_running)
         p = Pending(task, payload, fut)
         fut._amortune_pending = p  # type: ignore[attr-defined]
         with self.flags.lock:
             if self.flags.broken is not None:
-                return _failed(self.flags.broken)
+                return failed(self.flags.broken)
             if self.flags.closing:
                 raise RuntimeError("cannot submit to a backend that is shut down")
             self._mgr.pending.append(p)
