@@ -2,4 +2,4 @@
 
 import importlib.util
 
-collect_ignore = [] if importlib.util.find_spec("distributed") else ["amortune/backends/dask.py"]
+collect_ignore = [] if importlib.util.find_spec("distributed") else ["amortune/backends/dask"]

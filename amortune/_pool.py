@@ -38,6 +38,8 @@ from ._model import PROCESS_DISPATCH_SECONDS
 from ._profile import count_items
 from ._progress import Progress
 from ._schedule import ChunkPolicy, FixedChunkPolicy, Scheduler
+from ._sendable import as_stdlib as _as_stdlib
+from ._sendable import function_ref as _function_ref
 from ._system import probe_system
 from .backends._base import ChunkOutcome, ChunkTask, FunctionRef, WorkerSetup
 from .backends.processes import ProcessBackend
@@ -180,7 +182,7 @@ class Pool:
             fut = self._backend.submit(ChunkTask(_function_ref(func),
                                                  [(tuple(args), dict(kwds or {}))], 0, "apply"))
         except Exception as exc:
-            result._set(False, exc)
+            result._set(False, _as_stdlib(exc))
             return result
         fut.add_done_callback(functools.partial(_complete_apply, result))
         return result
@@ -291,10 +293,15 @@ class Pool:
              mode: str, progress: Any) -> list[Any]:
         self._check_running()
         self._check_not_in_callback("map" if mode == "item" else "starmap")
-        fn, size = _function_ref(func), _check_chunksize(chunksize)
+        size = _check_chunksize(chunksize)
         out: list[Any] = []
-        for part in self._stream(fn, iterable, size, mode, progress, fail_fast=False):
-            out.extend(part)
+        try:
+            fn = _function_ref(func)
+            for part in self._stream(fn, iterable, size, mode, progress, fail_fast=False):
+                out.extend(part)
+        except NotPicklableError as exc:
+            err = _as_stdlib(exc)
+            raise err from err.__cause__
         return out
 
     def _map_async(self, func: Callable[..., Any], iterable: Iterable[Any],
@@ -309,7 +316,7 @@ class Pool:
         try:
             fn = _function_ref(func)
         except Exception as exc:
-            result._set(False, exc)
+            result._set(False, _as_stdlib(exc))
             return result
         # Nothing is sampled in the caller: the call must return at once, and terminate() must
         # be able to stop every item (a thread running func in this process cannot be killed).
@@ -327,7 +334,7 @@ class Pool:
             for part in self._stream(fn, items, chunksize, mode, False, fail_fast=False):
                 out.extend(part)
         except BaseException as exc:
-            result._set(False, exc)
+            result._set(False, _as_stdlib(exc))
         else:
             result._set(True, out)
         finally:
@@ -338,7 +345,12 @@ class Pool:
                       chunksize: int | None, progress: Any, *, ordered: bool
                       ) -> Iterator[list[Any]]:
         self._check_running()
-        fn, size = _function_ref(func), _check_chunksize(chunksize)
+        size = _check_chunksize(chunksize)
+        try:
+            fn = _function_ref(func)
+        except NotPicklableError as exc:
+            err = _as_stdlib(exc)
+            raise err from err.__cause__
         return self._stream(fn, iterable, size, "item", progress, ordered=ordered)
 
     def _stream(self, fn: FunctionRef, iterable: Iterable[Any], chunksize: int | None,
@@ -365,6 +377,9 @@ class Pool:
                               input_error_keeps_chunk=chunksize is None,
                               on_progress=None if prog is None else prog.update)
             yield from sched.run(iter(iterable), start_index=0, n_remaining=total)
+        except NotPicklableError as exc:
+            err = _as_stdlib(exc)
+            raise err from err.__cause__
         finally:
             if prog is not None:
                 prog.close()
@@ -385,32 +400,6 @@ def _check_chunksize(chunksize: int | None) -> int | None:
     if size < 1:
         raise ValueError(f"chunksize must be >= 1 or None, got {chunksize!r}")
     return size
-
-
-#: Recently sent functions: ``apply_async`` in a loop pickles its function once, not per call.
-#: Only functions pickled by reference are kept (a closure's pickled state may change).
-_REFS: dict[int, tuple[Any, FunctionRef]] = {}
-_REFS_SIZE = 16
-
-
-def _function_ref(func: Callable[..., Any]) -> FunctionRef:
-    """The function as workers receive it; fails here, before any item runs, if it cannot travel."""
-    hit = _REFS.get(id(func))
-    if hit is not None and hit[0] is func:
-        return hit[1]
-    ref = FunctionRef(func)
-    try:
-        ref.payload  # noqa: B018 - pickle now
-    except Exception as exc:
-        raise NotPicklableError(
-            f"{func!r} cannot be pickled to send it to worker processes: {exc}") from exc
-    from ._serde import pickled_by_reference
-
-    if pickled_by_reference(func):
-        if len(_REFS) >= _REFS_SIZE:
-            _REFS.pop(next(iter(_REFS)))
-        _REFS[id(func)] = (func, ref)
-    return ref
 
 
 def _complete_apply(result: AsyncResult[Any], fut: Future[ChunkOutcome]) -> None:
@@ -437,4 +426,4 @@ def _complete_apply(result: AsyncResult[Any], fut: Future[ChunkOutcome]) -> None
     if exc is None:
         result._set(True, value)
     else:
-        result._set(False, exc)
+        result._set(False, _as_stdlib(exc))

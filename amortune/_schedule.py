@@ -29,9 +29,10 @@ from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as futures_wait
 from typing import Any
 
+from ._chunks import Chunk as _Chunk
 from ._policy import ChunkPolicy, FixedChunkPolicy
 from ._serde import add_note, note_item
-from ._stats import ChunkEvent, RunStats
+from ._stats import RunStats
 from .backends._base import Backend, ChunkOutcome, ChunkTask, FunctionRef, WorkerSetup
 
 __all__ = ["ChunkPolicy", "FixedChunkPolicy", "RunStats", "Scheduler"]
@@ -44,25 +45,6 @@ RETRY_BACKOFF_SECONDS = 0.05
 #: When a call ends, chunks still running get this long to stop at an item boundary before
 #: their workers are killed (so nothing of the call runs after it returned or raised).
 STOP_GRACE_SECONDS = 1.0
-
-
-class _Chunk:
-    __slots__ = ("start", "items", "attempts", "results", "error", "submitted", "helper")
-
-    def __init__(self, start: int, items: list[Any], attempts: int = 0) -> None:
-        self.start, self.items, self.attempts = start, items, attempts
-        self.results: list[Any] | None = None
-        self.error: BaseException | None = None
-        self.submitted = 0.0
-        self.helper = False
-
-    @property
-    def settled(self) -> bool:
-        return self.results is not None or self.error is not None
-
-    @property
-    def indices(self) -> tuple[int, ...]:
-        return tuple(range(self.start, self.start + len(self.items)))
 
 
 #: ``on_outcome(scheduler, n_items, seconds)`` after each finished chunk (plan corrections).
@@ -341,17 +323,11 @@ class Scheduler:
         now = self.clock()
         if self.sample_memory is not None:
             self.stats.memory.append((now, self.sample_memory()))
-        o = outcome
-        self.stats.events.append(ChunkEvent(
-            chunk.start, len(chunk.items), -1 if chunk.helper else (o.slot if o else 0),
-            "caller" if chunk.helper else self.backend.name, chunk.submitted, now,
-            o.started if o else 0.0, o.finished if o else 0.0, o.wall_seconds if o else 0.0,
-            o.cpu_seconds if o else 0.0, o.serde_seconds if o else 0.0,
-            o.rss_bytes if o else 0, chunk.attempts, status))
-        if chunk.helper and o is not None:
-            self.stats.caller_item_seconds += o.wall_seconds
-        if o is not None and o.first_call_seconds is not None:
-            self.stats.first_calls.setdefault(o.slot, o.first_call_seconds)
+        self.stats.events.append(chunk.event(outcome, self.backend.name, now, status))
+        if chunk.helper and outcome is not None:
+            self.stats.caller_item_seconds += outcome.wall_seconds
+        if outcome is not None and outcome.first_call_seconds is not None:
+            self.stats.first_calls.setdefault(outcome.slot, outcome.first_call_seconds)
 
     def _on_outcome(self, chunk: _Chunk, outcome: ChunkOutcome) -> None:
         n_ok = len(outcome.results)
@@ -374,22 +350,14 @@ class Scheduler:
             self._settle(chunk, outcome.results)
             return
         exc = outcome.error
-        if self.style == "chunk":
-            # A per-chunk function fails as a whole: the chunk is the unit that is retried.
-            at, item, head, rest = chunk.start, _Chunk(chunk.start, chunk.items), None, None
-        else:
-            # func raised at item ``at``: keep the results before it, retry or report it alone,
-            # and run the items after it as a chunk of their own.
-            at = chunk.start + n_ok
-            head = _Chunk(chunk.start, chunk.items[:n_ok])
-            item = _Chunk(at, chunk.items[n_ok:n_ok + 1])
-            rest = _Chunk(at + 1, chunk.items[n_ok + 1:]) if n_ok + 1 < len(chunk.items) else None
+        head, item, rest = chunk.split_at_failure(n_ok, per_chunk=self.style == "chunk")
+        at = item.start
         if self.ordered:
             self.window.pop(chunk.start, None)
             for part in (head, item, rest):
-                if part is not None and part.items:
+                if part is not None:
                     self.window[part.start] = part
-        if head is not None and head.items:
+        if head is not None:
             self._settle(head, outcome.results)
         failures = self.item_failures[at] = self.item_failures.get(at, 0) + 1
         if self.retry_on and isinstance(exc, self.retry_on) and failures <= self.retries:

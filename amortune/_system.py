@@ -290,6 +290,24 @@ def _physical_cores() -> int | None:
         return None
 
 
+def oom_kill_count(root: str = _CGROUP_ROOT, groups: dict[str, str] | None = None) -> int | None:
+    """Processes the kernel's OOM killer has killed in this process's memory cgroup so far.
+
+    cgroup v2 ``memory.events`` or v1 ``memory.oom_control`` (``oom_kill``, Linux 4.13+) of the
+    process's own group; ``None`` where neither can be read (macOS, old kernels).
+    """
+    if groups is None:
+        groups = parse_proc_self_cgroup(_read("/proc/self/cgroup"))
+    places = ((root, groups.get("", "/"), "memory.events"),
+              (_v1_mount(root, "memory"), groups.get("memory", "/"), "memory.oom_control"))
+    for mount, path, name in places:
+        for d in _levels(mount, path):
+            counts = _parse_keyed(_read(d, name))
+            if "oom_kill" in counts:
+                return counts["oom_kill"]
+    return None
+
+
 def memory_snapshot() -> int:
     """Available memory in bytes now, by :func:`probe_system`'s host-and-cgroup rule.
 

@@ -8,7 +8,7 @@ Usage::
 
     python benchmarks/run.py                       # full run, prints Markdown tables
     python benchmarks/run.py --quick               # smoke test: smaller inputs, one repeat
-    python benchmarks/run.py --only cpu-2ms        # one workload (or: optimize, cold, batches)
+    python benchmarks/run.py --only cpu-2ms        # one workload (or: optimize, cold, batches, pool)
     python benchmarks/run.py --write docs/benchmarks.md --note "quiet machine"
     python benchmarks/run.py --reps 7               # more repeats (default 5)
 
@@ -208,6 +208,56 @@ def bench_batches(n_items: int, budget: int, reps: int) -> dict[str, Any]:
     return out
 
 
+def bench_pool(reps: int, cores: int, n: int = 2000) -> dict[str, Any]:
+    """``amortune.Pool`` against ``multiprocessing.Pool``: many small calls, pools already started.
+
+    The drop-in's own costs: ``n`` ``apply_async`` calls then every ``get()``, and ``imap`` over
+    ``n`` tiny items with each pool's default chunksize. Interleaved; who goes first alternates.
+    """
+    ops = ("apply_async", "imap")
+    times: dict[tuple[str, str], list[float]] = {(o, c): [] for o in ops
+                                                  for c in ("multiprocessing", "amortune")}
+    expected = [square(i) for i in range(n)]
+    makers: list[tuple[str, Callable[[], Any]]] = [
+        ("multiprocessing", lambda: multiprocessing.Pool(cores)),
+        ("amortune", lambda: amortune.Pool(cores))]
+    for rep in range(reps):
+        for name, make in makers if rep % 2 == 0 else makers[::-1]:
+            with make() as pool:
+                pool.apply(square, (1,))  # every pool has its workers up before the clock
+                t0 = time.perf_counter()
+                rs = [pool.apply_async(square, (i,)) for i in range(n)]
+                out = [r.get() for r in rs]
+                times["apply_async", name].append(time.perf_counter() - t0)
+                assert out == expected, name
+                t0 = time.perf_counter()
+                out = list(pool.imap(square, range(n)))
+                times["imap", name].append(time.perf_counter() - t0)
+                assert out == expected, name
+        print(f"  pool rep {rep + 1}/{reps}", file=sys.stderr)
+    return {"n": n, "cores": cores, "reps": reps,
+            "seconds": {k: median(v) for k, v in times.items()},
+            "ratio": {o: median([a / m for a, m in zip(times[o, "amortune"],
+                                                      times[o, "multiprocessing"], strict=True)])
+                      for o in ops}}
+
+
+def _pool_report(p: dict[str, Any], checks: list[tuple[str, bool]]) -> list[str]:
+    sec, ratio = p["seconds"], p["ratio"]
+    r = ratio["apply_async"]
+    checks.append((f"Pool.apply_async × {p['n']}: amortune ≤ 1.0 × multiprocessing.Pool "
+                   f"({r:.2f}×)", r <= 1.0))
+    rows = [[f"`apply_async` × {p['n']}, then `get()`", f"{sec['apply_async', 'multiprocessing']:.3f}",
+             f"{sec['apply_async', 'amortune']:.3f}", f"{r:.2f}×"],
+            [f"`imap` over {p['n']} tiny items (default chunksize)",
+             f"{sec['imap', 'multiprocessing']:.3f}", f"{sec['imap', 'amortune']:.3f}",
+             f"{ratio['imap']:.2f}×"]]
+    return ["", f"## Pool drop-in: {p['cores']} workers started before the clock (median of "
+            f"{p['reps']} interleaved repeats)", "",
+            *_table(["operation", "multiprocessing.Pool s", "amortune.Pool s",
+                     "amortune ÷ multiprocessing (median of per-repeat ratios)"], rows)]
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -283,6 +333,8 @@ def report(rows: list[dict[str, Any]], extra: dict[str, Any], cores: int) -> lis
                f"**{o['overhead'] * 1e3:.2f} ms** (target ≤ 5 ms: {'pass' if ok else 'FAIL'})."]
     if "batches" in extra:
         md += _batches_report(extra["batches"], checks)
+    if "pool" in extra:
+        md += _pool_report(extra["pool"], checks)
     if checks:
         md += ["", "## Targets (warm benchmark)", ""]
         md += _table(["target", "result"], [[t, "pass" if ok else "**FAIL**"] for t, ok in checks])
@@ -326,7 +378,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="smaller inputs, one repeat")
     ap.add_argument("--only", action="append", default=[], metavar="NAME",
-                    help="a workload name, or optimize / cold / batches (repeatable)")
+                    help="a workload name, or optimize / cold / batches / pool (repeatable)")
     ap.add_argument("--reps", type=int, default=None, help="repeats (default 5, quick 1)")
     ap.add_argument("--write", metavar="PATH", help="also write the report as Markdown to PATH")
     ap.add_argument("--note", default="", help="a line to put under the report's header")
@@ -339,7 +391,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"calibrated: {iterations} iterations ≈ 2 ms ({per_iteration * 1e9:.1f} ns each); "
           f"{system.describe()}", file=sys.stderr)
     workloads = build(per_iteration, iterations, scale=scale)
-    known = {w.name for w in workloads} | {"optimize", "cold", "batches"}
+    known = {w.name for w in workloads} | {"optimize", "cold", "batches", "pool"}
     for name in args.only:
         if name not in known:
             ap.error(f"--only {name!r}: choose from {', '.join(sorted(known))}")
@@ -366,6 +418,8 @@ def main(argv: list[str] | None = None) -> None:
         extra["cold"] = {k: median([p[k] for p in probes]) for k in probes[0]} | {"n": n}
     if "batches" in wanted:
         extra["batches"] = bench_batches(int(1000 * scale), 100 * MB, max(1, min(reps, 3)))
+    if "pool" in wanted:
+        extra["pool"] = bench_pool(reps, cores, n=max(200, int(2000 * scale)))
     load_after = os.getloadavg()
     _REFERENCE.pop()[0].terminate()
 

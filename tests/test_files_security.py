@@ -190,7 +190,7 @@ def test_checkpoints_use_the_spill_classes_not_its_private_helpers() -> None:
 
     assert from_spill <= set(_spill.__all__)
     internal = {mod for mod, _ in _imports("_files") if mod.startswith("amortune")}
-    assert internal <= {"amortune._errors", "amortune._serde"}
+    assert internal <= {"amortune._errors", "amortune._safedir", "amortune._serde"}
 
 
 def test_pickles_are_written_in_one_place() -> None:

@@ -407,7 +407,7 @@ def test_the_search_finds_the_limit_a_fake_budget_implies_and_less_for_less() ->
 
 def test_out_of_memory_mid_run_halves_the_batch_and_lowers_the_cap() -> None:
     data = items(40)
-    gpu._STATE = gpu._WorkerState(make_mlp().eval(), _device.FakeDevice("0", 5_000),
+    gpu._worker._STATE = gpu._WorkerState(make_mlp().eval(), _device.FakeDevice("0", 5_000),
                                   _config(search=None, item_cap=40))
     result = gpu._run_task(gpu._Task(0, tuple(range(40)), data, None, {}))
     assert result.oom_splits >= 1 and result.item_cap <= math.floor(20 * (1 - gpu.MARGIN))
@@ -422,7 +422,7 @@ def test_out_of_memory_mid_run_halves_the_batch_and_lowers_the_cap() -> None:
 
 
 def test_an_item_too_large_alone_is_a_typed_error() -> None:
-    gpu._STATE = gpu._WorkerState(make_mlp().eval(), _device.FakeDevice("3", 100),
+    gpu._worker._STATE = gpu._WorkerState(make_mlp().eval(), _device.FakeDevice("3", 100),
                                   _config(search=None, item_cap=4))
     with pytest.raises(gpu.ItemTooLargeError) as info:
         gpu._run_task(gpu._Task(0, (7, 8), items(2), None, {}))
@@ -433,7 +433,7 @@ def test_an_item_too_large_alone_is_a_typed_error() -> None:
 @pytest.fixture(autouse=True)
 def _reset_worker_state():
     yield
-    gpu._STATE = None
+    gpu._worker._STATE = None
 
 
 # -- real spawned workers on fake GPUs --------------------------------------------------------
@@ -648,7 +648,7 @@ def test_token_packed_ragged_batches_equal_one_item_at_a_time(lengths: list[int]
                                                                max_tokens: int) -> None:
     assume(len(set(lengths)) > 1)
     data = [torch.rand(n) for n in lengths]
-    gpu._STATE = gpu._WorkerState(make_conv().eval(), _device.FakeDevice("0"),
+    gpu._worker._STATE = gpu._WorkerState(make_conv().eval(), _device.FakeDevice("0"),
                                   _config(search=None, item_cap=1 << 10, token_cap=max_tokens,
                                           sequences=True))
     order = sorted(range(len(data)), key=lambda i: -lengths[i])

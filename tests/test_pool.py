@@ -434,8 +434,132 @@ def test_unpicklable_function_fails_before_running_anything():
 
     lock = threading.Lock()
     with amortune.Pool(1, context=START) as pool:
-        with pytest.raises(amortune.NotPicklableError):
+        with pytest.raises(TypeError, match="cannot pickle") as info:  # the pickler's own error
             pool.map(lambda x: (lock, x)[1], range(10))
+        assert any("cannot be pickled to send it" in n for n in info.value.__notes__)
         r = pool.apply_async(lambda: lock)
         with pytest.raises(TypeError):
             r.get(30)
+
+
+_OFFSET = 1
+_add_offset = lambda x: x + _OFFSET  # noqa: E731 - a lambda travels by value
+
+
+def test_apply_async_repickles_a_function_whose_captured_state_was_rebound():
+    # A function sent by value is pickled once for many calls, and again as soon as a global
+    # it reads, a closure cell or a default is rebound: workers never run stale state.
+    global _OFFSET
+    scale = 1
+
+    def times(x: int, k: int = 1) -> int:
+        return x * scale * k
+
+    with amortune.Pool(1, context=START) as pool:
+        assert pool.apply(times, (2,)) == 2
+        scale = 3
+        assert pool.apply(times, (2,)) == 6
+        times.__defaults__ = (10,)
+        assert pool.apply(times, (2,)) == 60
+        assert pool.apply(_add_offset, (1,)) == 2
+        _OFFSET = 100
+        try:
+            assert pool.apply(_add_offset, (1,)) == 101
+        finally:
+            _OFFSET = 1
+
+
+def test_a_function_sent_by_value_is_pickled_once_while_nothing_changes():
+    from amortune._sendable import function_ref as _function_ref
+
+    k = 2
+
+    def times_k(x: int) -> int:
+        return x * k
+
+    assert _function_ref(times_k) is _function_ref(times_k)
+    first = _function_ref(times_k)
+    k = 5
+    assert _function_ref(times_k) is not first
+    assert _function_ref(tasks.square) is _function_ref(tasks.square)  # by reference
+
+
+def test_tasks_waiting_behind_a_crashed_one_run_elsewhere():
+    # Tiny tasks wait in a worker's backlog; when the running one kills its worker, only that
+    # task fails and every task behind it runs on the replacement, once.
+    with amortune.Pool(1, context=START) as pool:
+        pool.apply(tasks.square, (1,))
+        rs = [pool.apply_async(tasks.kill_self, (5,)) if i == 150 else
+              pool.apply_async(tasks.square, (i,)) for i in range(300)]
+        for i, r in enumerate(rs):
+            if i == 150:
+                with pytest.raises(amortune.WorkerCrashedError):
+                    r.get(60)
+            else:
+                assert r.get(60) == i * i
+
+
+def test_the_backlog_behind_a_running_task_follows_the_measured_task_time():
+    from types import SimpleNamespace
+
+    from amortune.backends._manager import _MAX_BACKLOG, Manager
+
+    depth = Manager._backlog_depth
+    assert depth(SimpleNamespace(task_seconds=None)) == 1  # nothing measured yet
+    assert depth(SimpleNamespace(task_seconds=1e-6)) == _MAX_BACKLOG
+    assert depth(SimpleNamespace(task_seconds=0.0005)) == 4
+    assert depth(SimpleNamespace(task_seconds=0.5)) == 1
+
+
+def test_maxtasksperchild_counts_the_backlog():
+    with amortune.Pool(1, maxtasksperchild=7, context=START) as pool:
+        pids = [pool.apply_async(os.getpid) for _ in range(70)]
+        seen = [r.get(60) for r in pids]
+    runs = [len(list(g)) for _, g in itertools.groupby(seen)]
+    assert max(runs) <= 7 and len(set(seen)) >= 10
+
+
+def _pickler_error_type(obj: Any) -> type[BaseException]:
+    try:
+        pickle.dumps(obj)
+    except Exception as exc:
+        return type(exc)
+    raise AssertionError("expected an unpicklable object")
+
+
+def test_an_unpicklable_argument_raises_the_picklers_own_exception(make_pool):
+    import threading
+
+    lock = threading.Lock()
+    expected = _pickler_error_type(lock)
+    with make_pool(2) as pool:
+        with pytest.raises(expected) as info:
+            pool.apply_async(tasks.identity, (lock,)).get(30)
+        assert type(info.value) is expected
+        with pytest.raises(expected) as info:
+            pool.map(tasks.identity, [1, lock, 3])
+        assert type(info.value) is expected
+        assert pool.map(tasks.square, range(4)) == [0, 1, 4, 9]  # the pool stays usable
+
+
+def test_an_unsendable_result_raises_maybe_encoding_error(make_pool):
+    from multiprocessing.pool import MaybeEncodingError
+
+    errors: list[BaseException] = []
+    with make_pool(2) as pool:
+        r = pool.apply_async(tasks.return_lock, (1,), error_callback=errors.append)
+        with pytest.raises(MaybeEncodingError) as info:
+            r.get(30)
+        assert "lock" in info.value.value and "pickle" in info.value.exc
+        assert str(info.value).startswith("Error sending result: ")
+        assert errors and isinstance(errors[0], MaybeEncodingError)
+        with pytest.raises(MaybeEncodingError):
+            pool.map(tasks.return_lock, range(3), chunksize=1)
+        assert pool.apply(tasks.square, (3,)) == 9
+
+
+def test_a_lambda_result_comes_back_where_the_stdlib_would_fail():
+    # Results plain pickle refuses travel with cloudpickle (documented in the guide).
+    with amortune.Pool(1, context=START) as pool:
+        g = pool.apply(lambda: (lambda y: y + 1))
+    assert g(1) == 2

@@ -449,3 +449,28 @@ def test_import_loads_no_psutil_or_numpy() -> None:
     subprocess.run(
         [sys.executable, "-c", code], check=True, timeout=60, cwd=Path(__file__).parent.parent
     )
+
+
+def test_oom_kill_count_reads_the_processs_own_memory_cgroup(tmp_path: Path) -> None:
+    v2 = tmp_path / "v2"
+    (v2 / "job" / "step").mkdir(parents=True)
+    (v2 / "job" / "memory.events").write_text("low 0\nhigh 0\nmax 4\noom 2\noom_kill 7\n")
+    (v2 / "job" / "step" / "memory.events").write_text("low 0\noom 1\noom_kill 3\n")
+    assert _system.oom_kill_count(str(v2), {"": "/job/step"}) == 3  # its own group, not the parent's
+    v1 = tmp_path / "v1"
+    (v1 / "memory" / "a").mkdir(parents=True)
+    (v1 / "memory" / "a" / "memory.oom_control").write_text(
+        "oom_kill_disable 0\nunder_oom 0\noom_kill 5\n")
+    assert _system.oom_kill_count(str(v1), {"memory": "/a"}) == 5
+    assert _system.oom_kill_count(str(tmp_path / "none"), {}) is None
+
+
+def test_a_sigkill_hints_at_memory_only_on_evidence(monkeypatch: pytest.MonkeyPatch) -> None:
+    from amortune.backends._pending import memory_hint
+
+    monkeypatch.setattr(_system, "oom_kill_count", lambda *a, **k: 4)
+    monkeypatch.setattr(_system, "memory_snapshot", lambda: 8 << 30)
+    assert memory_hint(0, 3) == (True, 4)  # the OOM killer struck since the pool started
+    assert memory_hint(100 << 20, 4) == (False, 4)  # small worker, no new OOM kill
+    assert memory_hint(6 << 30, 4) == (True, 4)  # it held most of what is free
+    assert memory_hint(0, 4) == (None, 4)  # no evidence either way

@@ -6,28 +6,28 @@ Data flow::
          ▲                               │  wait(pipes + sentinels + wake-up pipe, deadline)   │
          └── ChunkFuture ◀── Done / Skipped / WorkerCrashedError / timeout ◀──── pipe ─────────┘
 
-One pipe and one sentinel per worker, at most one running and one queued task per worker, so a
-death or a timeout is attributed to exactly one chunk. A worker belongs to a :class:`Slot`; its
-replacement takes the same slot id and environment (a device). Every future settles: whatever
-the manager holds when it stops fails, and a kill from the caller's thread frees a manager
-blocked writing to a stuck worker. Imports the standard library, ``_errors``, ``_protocol``,
-``_serde``, ``_worker`` and ``_start``.
+One pipe and one sentinel per worker. Each worker runs one task; small tasks may wait behind it
+in its pipe (a backlog of a few milliseconds of measured work), so tiny tasks do not each wait
+for a round trip through this thread. Replies come in order, so a death or a timeout is
+attributed to exactly one chunk and the backlog behind it, never started, runs elsewhere. A
+worker belongs to a :class:`Slot`; its replacement takes the same slot id and environment (a
+device). Every future settles: whatever the manager holds when it stops fails, and a kill from
+the caller's thread frees a manager blocked writing to a stuck worker. Imports the standard library, ``_errors``, ``_protocol``,
+``_serde``, ``_serve``, ``_worker`` and ``_start``.
 """
 
 from __future__ import annotations
 
 import collections
 import logging
-import os
 import pickle
 import threading
 import time
 from concurrent.futures import CancelledError
-from dataclasses import dataclass, field
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
-from .._errors import NotPicklableError, TaskTimeoutError, WorkerCrashedError, exit_reason, rebuild
+from .._errors import TaskTimeoutError, WorkerCrashedError, exit_reason, rebuild
 from .._protocol import (
     Cancel,
     Done,
@@ -42,9 +42,11 @@ from .._protocol import (
     Tick,
 )
 from .._serde import dumps
-from .._worker import FUNC_CACHE_SIZE, load_prctl, worker_main
-from ._base import ChunkFuture, ChunkOutcome, ChunkTask, Slot, settle
-from ._start import record_start_cost
+from .._serve import load_prctl, worker_main
+from .._worker import FUNC_CACHE_SIZE
+from ._base import Slot, settle
+from ._pending import Flags, Pending, WorkerState, describe, finish, kill, memory_hint
+from ._start import record_start_cost, start_process
 
 __all__ = ["Flags", "Manager", "Pending", "settle"]
 
@@ -56,56 +58,17 @@ _JOIN_SECONDS = 1.0
 _START_TIMEOUT_SECONDS = 60.0
 #: Workers dying before they are ready this many times in a row break the pool.
 _MAX_START_FAILURES = 3
-#: A task is queued behind a running one only if what must be sent for it fits in this many
-#: bytes, well inside a pipe's 64 KiB buffer, so sending never blocks this thread on a busy worker.
+#: Tasks wait behind a running one only while what was sent for them fits in this many bytes,
+#: well inside a pipe's 64 KiB buffer, so sending never blocks this thread on a busy worker.
 _QUEUE_BEHIND_BYTES = 32 << 10
+#: A worker's backlog holds about this much measured work (at most ``_MAX_BACKLOG`` tasks): deep
+#: enough that tiny tasks do not wait on this thread, shallow enough to keep the workers even.
+_BACKLOG_SECONDS = 0.002
+_MAX_BACKLOG = 64
 #: Delay before trying again to start a worker whose start failed.
 _START_RETRY_SECONDS = 0.1
 
 
-_ENV_LOCK = threading.Lock()
-
-
-class Pending:
-    """A submitted task, its pickled items and its future."""
-
-    __slots__ = ("task", "payload", "future", "id", "running")
-    _ids = iter(range(1, 1 << 62))
-
-    def __init__(self, task: ChunkTask, payload: bytes, future: ChunkFuture) -> None:
-        self.task, self.payload, self.future = task, payload, future
-        self.id = next(Pending._ids)
-        self.running = False
-
-
-@dataclass
-class Flags:
-    """The manager's state flags in one place (read by callers under ``lock``)."""
-
-    closing: bool = False
-    killing: bool = False
-    abandon: bool = False
-    woken: bool = False
-    broken: BaseException | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-
-class _Worker:
-    __slots__ = ("process", "conn", "slot", "task", "queued", "item_started", "item_index",
-                 "funcs", "ready", "rss", "retiring", "started_at", "tasks_done", "note",
-                 "env_token")
-
-    def __init__(self, process: Any, conn: Any, slot: Slot) -> None:
-        self.process, self.conn, self.slot = process, conn, slot
-        self.task: Pending | None = None
-        self.queued: Pending | None = None  # sent behind ``task``; starts when ``task`` replies
-        self.item_started = self.started_at = time.perf_counter()
-        self.item_index = 0
-        self.funcs: dict[str, None] = {}  # tokens the worker holds, in the order it got them
-        self.ready = self.retiring = False
-        self.rss = self.tasks_done = 0
-        self.note = ""
-        self.env_token: str | None = None
 
 
 class Manager:
@@ -123,9 +86,13 @@ class Manager:
         self.pending: collections.deque[Pending] = collections.deque()
         self.cancels: list[Pending] = []
         self.kills: list[Pending] = []
-        self.workers: list[_Worker] = []
+        self.workers: list[WorkerState] = []
         self.wake_r, self.wake_w = ctx_later.Pipe(duplex=False)
         self.start_failures = 0
+        self.task_seconds: float | None = None  # a moving average of the tasks' wall time
+        from .._system import oom_kill_count
+
+        self.oom_kills = oom_kill_count()  # a rise later says a SIGKILL was the OOM killer's
         self.retry_start_at: float | None = None
         self.first_start: float | None = None
         self.start_log: dict[int, tuple[float, float]] = {}
@@ -150,7 +117,7 @@ class Manager:
 
     def kill_all(self) -> None:
         for w in list(self.workers):
-            _kill(w.process)
+            kill(w.process)
 
     # -- the manager thread --------------------------------------------------------------------
     def _main(self) -> None:
@@ -173,28 +140,13 @@ class Manager:
         proc = ctx.Process(target=worker_main, args=args, name=f"amortune-worker-{slot.id}",
                            daemon=True)
         try:
-            if method == "spawn" and slot.env:
-                # A spawned child imports the caller's __main__ before worker_main runs: its
-                # device variables must be in the environment it starts with.
-                with _ENV_LOCK:
-                    saved = {k: os.environ.get(k) for k in slot.env}
-                    os.environ.update(slot.env)
-                    try:
-                        proc.start()
-                    finally:
-                        for k, v in saved.items():
-                            if v is None:
-                                os.environ.pop(k, None)
-                            else:
-                                os.environ[k] = v
-            else:
-                proc.start()
+            start_process(proc, method, slot.env)
         except BaseException:
             parent.close()
             raise
         finally:
             child.close()
-        self.workers.append(_Worker(proc, parent, slot))
+        self.workers.append(WorkerState(proc, parent, slot))
         if self.first_start is None:
             self.first_start = time.perf_counter()
 
@@ -245,63 +197,72 @@ class Manager:
     def _apply_cancels(self, cancels: list[Pending], kills: list[Pending]) -> None:
         for p in kills:
             for w in self.workers:
-                if w.task is p or w.queued is p:
+                if w.task is p or p in w.backlog:
                     w.note = " (killed: its call was interrupted)"
                     w.retiring = True
-                    if w.queued is not None and w.queued is not p:
-                        with self.flags.lock:
-                            self.pending.appendleft(w.queued)
-                    if w.task is not None and w.task is not p:
-                        with self.flags.lock:
-                            self.pending.appendleft(w.task)
-                    w.task = w.queued = None
-                    _kill(w.process)
+                    self._requeue([q for q in (w.task, *w.backlog) if q is not None and q is not p])
+                    w.task = None
+                    w.backlog.clear()
+                    kill(w.process)
             settle(p.future, CancelledError("the call was interrupted"))
         for p in cancels:
             for w in self.workers:
-                if w.task is p or w.queued is p:
+                if w.task is p or p in w.backlog:
                     try:
                         w.conn.send_bytes(dumps(Cancel(p.id)))
                     except OSError:
                         pass
 
     def _assign(self) -> None:
-        # Idle workers first; then one small task queued behind a running one, so a worker
-        # starts its next task without waiting for the round trip through this thread.
-        for queue_behind in (False, True):
+        for w in self.workers:  # idle workers first
+            if w.ready and not w.retiring and w.task is None:
+                p = self._next_task()
+                if p is None:
+                    return
+                self._send(w, p, False)
+        # Then small tasks behind running ones, one per worker a round, so they stay even.
+        depth = self._backlog_depth()
+        sent = True
+        while sent:
+            sent = False
             for w in self.workers:
-                if not w.ready or w.retiring or w.queued is not None:
+                if not w.ready or w.retiring or len(w.backlog) >= depth:
                     continue
-                if (w.task is not None) != queue_behind:
-                    continue
-                if queue_behind and not self._may_queue_behind(w):
+                if not self._may_queue_behind(w):
                     continue
                 p = self._next_task()
                 if p is None:
                     return
-                if queue_behind and self._bytes_to_send(w, p) > _QUEUE_BEHIND_BYTES:
-                    with self.flags.lock:
-                        self.pending.appendleft(p)
+                size = w.bytes_to_send(p)
+                if w.backlog_bytes + size > _QUEUE_BEHIND_BYTES:
+                    self._requeue([p])
                     continue
-                self._send(w, p, queue_behind)
+                w.backlog_bytes += int(size)
+                self._send(w, p, True)
+                sent = True
 
-    def _may_queue_behind(self, w: _Worker) -> bool:
+    def _backlog_depth(self) -> int:
+        """How many tasks may wait behind a running one: 1 until a task's time is known."""
+        t = self.task_seconds
+        if t is None:
+            return 1
+        return max(1, min(_MAX_BACKLOG, int(_BACKLOG_SECONDS / max(t, 1e-6))))
+
+    def _may_queue_behind(self, w: WorkerState) -> bool:
         running = w.task
         if running is None or running.task.timeout_seconds is not None:
             return False  # a timed item's clock must start when it starts
-        return self.max_tasks is None or w.tasks_done + 2 <= self.max_tasks
+        return self.max_tasks is None or w.tasks_done + len(w.backlog) + 2 <= self.max_tasks
 
-    @staticmethod
-    def _bytes_to_send(w: _Worker, p: Pending) -> float:
-        if p.task.timeout_seconds is not None:
-            return float("inf")
-        func = 0 if p.task.fn.token in w.funcs else len(p.task.fn.payload)
-        return len(p.payload) + func
+    def _requeue(self, tasks: list[Pending]) -> None:
+        """Put tasks that never started back at the front of the queue, in their order."""
+        with self.flags.lock:
+            self.pending.extendleft(reversed(tasks))
 
-    def _send(self, w: _Worker, p: Pending, queue_behind: bool) -> None:
+    def _send(self, w: WorkerState, p: Pending, queue_behind: bool) -> None:
         task = p.task
         if queue_behind:
-            w.queued = p
+            w.backlog.append(p)
         else:
             w.task = p
             w.item_started, w.item_index = time.perf_counter(), task.start
@@ -325,12 +286,11 @@ class Manager:
             # The worker died before it had the whole task, so it cannot have run any of it:
             # hand the task to another worker; the sentinel reports the death.
             if queue_behind:
-                w.queued = None
+                w.backlog.remove(p)
             else:
                 w.task = None
             w.retiring = True
-            with self.flags.lock:
-                self.pending.appendleft(p)
+            self._requeue([p])
 
     def _next_task(self) -> Pending | None:
         while True:
@@ -342,7 +302,7 @@ class Manager:
                 p.running = True
                 return p
 
-    def _receive(self, w: _Worker) -> None:
+    def _receive(self, w: WorkerState) -> None:
         while True:
             try:
                 if not w.conn.poll():
@@ -361,12 +321,10 @@ class Manager:
                 w.item_index = w.item_index if msg.item is None else msg.item
             elif isinstance(msg, Retiring):  # grown past the limit: exits without running more
                 w.retiring = True
-                # After its last Done, a queued task became ``task``; it never started.
-                for unstarted in (w.queued, w.task):
-                    if unstarted is not None:
-                        with self.flags.lock:
-                            self.pending.appendleft(unstarted)
-                w.task = w.queued = None
+                # After its last Done, the backlog's first task became ``task``; none started.
+                self._requeue([q for q in (w.task, *w.backlog) if q is not None])
+                w.task = None
+                w.backlog.clear()
             elif isinstance(msg, Exiting):
                 w.note = f" (func raised SystemExit({msg.code!r}) at item {msg.item})"
             elif isinstance(msg, InitError):
@@ -374,26 +332,21 @@ class Manager:
                 self.flags.broken = rebuild(msg.captured)
                 self._fail_all(self.flags.broken)
             elif isinstance(msg, (Done, Skipped)):
-                p = self._pop_reply(w)
+                p = w.pop_reply()
                 if isinstance(msg, Skipped):
                     if p is not None:
                         settle(p.future, CancelledError("cancelled before it ran"))
                     continue
                 w.rss = msg.rss
                 w.tasks_done += 1
+                t = self.task_seconds
+                self.task_seconds = msg.wall if t is None else 0.8 * t + 0.2 * msg.wall
                 if self.max_tasks is not None and w.tasks_done >= self.max_tasks:
                     w.retiring = True  # it exits by itself; no task may be sent to it now
                 if p is not None:
-                    _finish(p, msg, w.slot.id)
+                    finish(p, msg, w.slot.id)
 
-    @staticmethod
-    def _pop_reply(w: _Worker) -> Pending | None:
-        p, w.task, w.queued = w.task, w.queued, None
-        if w.task is not None:  # replies come in order: the queued task starts now
-            w.item_started, w.item_index = time.perf_counter(), w.task.task.start
-        return p
-
-    def _reap(self, w: _Worker) -> None:
+    def _reap(self, w: WorkerState) -> None:
         w.process.join(0)
         code = w.process.exitcode
         if code is None or self.flags.killing:  # killed on purpose: _stop_all settles the rest
@@ -401,16 +354,15 @@ class Manager:
         self._receive(w)  # a reply written just before the exit still counts
         self.workers.remove(w)
         w.conn.close()
-        p, w.task, queued, w.queued = w.task, None, w.queued, None
-        if queued is not None:  # its predecessor never replied, so it never started: rerun it
-            with self.flags.lock:
-                self.pending.appendleft(queued)
+        p, w.task = w.task, None
+        self._requeue(list(w.backlog))  # behind a task that never replied: never started
+        w.backlog.clear()
         if p is not None:
-            hint = _memory_hint(w.rss)
+            hint, self.oom_kills = memory_hint(w.rss, self.oom_kills)
             crash = WorkerCrashedError(
                 f"a worker process (pid {w.process.pid}, slot {w.slot.id}) died with "
                 f"{exit_reason(code, memory_hint=hint)}{w.note} while running "
-                f"{_describe(p.task)}; pass retries=N to run lost chunks again",
+                f"{describe(p.task)}; pass retries=N to run lost chunks again",
                 exitcode=code, indices=p.task.indices, rss_bytes=w.rss or None)
             crash.slot = w.slot.id  # type: ignore[attr-defined]
             settle(p.future, crash)
@@ -445,7 +397,7 @@ class Manager:
                 continue
             if not w.ready and now - w.started_at > self.start_timeout:
                 w.note = f" (killed: not ready after {self.start_timeout:.0f} s)"
-                _kill(w.process)
+                kill(w.process)
             p = w.task
             timeout = None if p is None else p.task.timeout_seconds
             if p is None or timeout is None or now - w.item_started <= timeout:
@@ -454,7 +406,7 @@ class Manager:
             if w.task is not p or time.perf_counter() - w.item_started <= timeout:
                 continue
             w.task, w.retiring = None, True
-            _kill(w.process)
+            kill(w.process)
             late = TaskTimeoutError(
                 f"item {w.item_index} ran longer than the timeout of {timeout} s; its "
                 f"worker (slot {w.slot.id}) was killed and replaced", indices=(w.item_index,))
@@ -472,13 +424,14 @@ class Manager:
         exc = flags.broken or CancelledError("the amortune backend was shut down")
         self._fail_all(exc)
         for w in self.workers:
-            for p in (w.queued, w.task):
+            for p in (*w.backlog, w.task):
                 if p is not None:
                     settle(p.future, exc)
             busy = w.task is not None
-            w.task = w.queued = None
+            w.task = None
+            w.backlog.clear()
             if flags.killing or (flags.abandon and busy):
-                _kill(w.process)
+                kill(w.process)
             else:
                 try:
                     w.conn.send_bytes(pickle.dumps(None))
@@ -488,7 +441,7 @@ class Manager:
         for w in self.workers:
             w.process.join(max(0.0, deadline - time.perf_counter()))
             if w.process.exitcode is None:
-                _kill(w.process)
+                kill(w.process)
                 w.process.join(_JOIN_SECONDS)
             w.conn.close()
         self.workers.clear()
@@ -496,42 +449,3 @@ class Manager:
             flags.woken = True  # nothing reads the wake-up pipe any more
         self.wake_r.close()
         self.wake_w.close()
-
-
-def _describe(task: ChunkTask) -> str:
-    from .._errors import describe_indices
-
-    return describe_indices(task.indices)
-
-
-def _finish(p: Pending, msg: Done, slot: int) -> None:
-    try:
-        results = pickle.loads(msg.results) if msg.results else []
-    except BaseException as exc:
-        settle(p.future, NotPicklableError(
-            f"results of {_describe(p.task)} cannot be unpickled in the caller: {exc!r}"))
-        return
-    error = rebuild(msg.error) if msg.error is not None else None
-    settle(p.future, result=ChunkOutcome(
-        results, msg.wall, msg.cpu, msg.rss, slot, msg.started, msg.finished, msg.first_call,
-        error, msg.serde))
-
-
-def _memory_hint(rss: int) -> bool | None:
-    """Whether a SIGKILLed worker was likely killed for memory: its RSS against what is free."""
-    if not rss:
-        return None
-    try:
-        from .._system import memory_snapshot
-
-        available = memory_snapshot()
-    except Exception:
-        return None
-    return rss > 0.5 * available
-
-
-def _kill(process: Any) -> None:
-    try:
-        process.kill()
-    except (OSError, ValueError, AttributeError):
-        pass

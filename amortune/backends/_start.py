@@ -12,9 +12,11 @@ Imports the standard library only.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
-from typing import NamedTuple
+from collections.abc import Mapping
+from typing import Any, NamedTuple
 
 __all__ = ["StartPlan", "choose_start", "start_cost", "record_start_cost"]
 
@@ -94,3 +96,29 @@ def record_start_cost(method: str, first_seconds: float) -> None:
     """Remember how long the first worker of ``method`` took to be ready in this process."""
     if method not in _MEASURED:
         _MEASURED[method] = (first_seconds, _DEFAULTS.get(method, (0.05, 0.04))[1])
+
+
+_ENV_LOCK = threading.Lock()
+
+
+def start_process(proc: Any, method: str, env: Mapping[str, str]) -> None:
+    """``proc.start()``; a spawned child starts with ``env`` (its slot's device variables).
+
+    A spawned child imports the caller's ``__main__`` before the worker code runs, so variables
+    read at import (``CUDA_VISIBLE_DEVICES``) must be in the environment it starts with; they
+    are set around the start, under a lock, and restored.
+    """
+    if method != "spawn" or not env:
+        proc.start()
+        return
+    with _ENV_LOCK:
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            proc.start()
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v

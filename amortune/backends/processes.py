@@ -219,6 +219,6 @@ def _preload_forkserver() -> None:
 
     server = getattr(forkserver, "_forkserver", None)
     current = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    wanted = [m for m in ("amortune._worker",) if m not in current]
+    wanted = [m for m in ("amortune._serve",) if m not in current]
     if wanted:
         mp.set_forkserver_preload(current + wanted)
