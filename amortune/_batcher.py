@@ -294,7 +294,10 @@ class Batcher:
             request = _Request(item, future, time.perf_counter())
             heapq.heappush(self._heap, (-float(priority), next(self._seq), request))
             self._counts["submitted"] += 1
-            self._cond.notify_all()
+            # A runner waits for the first item, then for a full batch or the oldest item's
+            # deadline: only those two events need waking it (each wake costs it the GIL).
+            if len(self._heap) == 1 or len(self._heap) >= self._size:
+                self._cond.notify_all()
 
     def _fail_queued(self, message: str) -> None:
         """Fail every queued item (the caller holds the lock)."""

@@ -150,9 +150,16 @@ def execute(
     if _quick_allowed(config, options):
         if not callable(func):
             raise TypeError(f"func must be callable, got {type(func).__name__}")
-        from ._quick import quick_serial
+        from ._quick import (
+            WAITING_CPU_SHARE,
+            WAITING_SAMPLE_SECONDS,
+            quick_serial,
+            run_while_importing,
+        )
 
         quick = quick_serial(func, data, threshold_seconds=_threshold())
+        if quick is not None and quick.rest is not None:
+            quick = run_while_importing(func, quick, 0)
         if quick is not None:
             if quick.rest is None:
                 return quick.results
@@ -160,6 +167,8 @@ def execute(
             options["notes"] = (f"ran items 0-{len(results) - 1} in the caller while they were "
                                 f"cheap; the {quick.n_rest} left take "
                                 f"{quick.item_seconds * 1e3:.3f} ms each",)
+            if quick.cpu_share is not None and quick.cpu_share < WAITING_CPU_SHARE:
+                options["sample_seconds"] = WAITING_SAMPLE_SECONDS  # they already told us
     options["initargs"] = initargs
     parts = _run(func, data, options, config, len(results), ordered=True)
     for part in parts:
@@ -228,6 +237,8 @@ def _run(func: Callable[..., Any], data: Iterable[Any], options: dict[str, Any],
     cfg = (config or Config.from_env()).replace(
         retries=options["retries"], timeout_seconds=options["timeout"],
         retry_on=options["retry_on"])
+    if options.get("sample_seconds"):
+        cfg = cfg.replace(sample_seconds=options["sample_seconds"])
     star, per_chunk = options["star"], options["per_chunk"]
     initializer = options["initializer"]
     initargs = tuple(options.get("initargs") or ())

@@ -15,11 +15,12 @@ from ._constants import (
     TASK_CHUNK_SECONDS,
     log,
 )
-from ._plan import _check_retries, _check_size, _fingerprint, _Plan, _plan
+from ._local import run_here, runs_here
+from ._plan import _check_retries, _check_size, _fingerprint, _Plan, _plan, _usable_cores
 from ._pool import _RUN_REF, _Workers
 from ._search import BatchSizeReport, pack_batches
 from ._transfer import _as_list, _compact, _pack, _stored_rows, _unpack
-from ._worker import _Task
+from ._worker import _join, _Task
 
 
 def map_model(
@@ -146,6 +147,9 @@ def _run_all(load_model: Any, plan: _Plan, items: list[Any], done: int, out: lis
     n = len(items)
     config = plan.config
     packed = [plan.lengths[i] for i in plan.order] if plan.lengths is not None else None
+    if runs_here(plan.devices, timeout):
+        _run_here(load_model, plan, items, packed, done, out, ckpt, bar)
+        return
     began = time.perf_counter()
     with _Workers(plan.devices, load_model, config) as workers:
         caps: dict[str, tuple[int, int | None]] = {}
@@ -219,6 +223,31 @@ def _run_all(load_model: Any, plan: _Plan, items: list[Any], done: int, out: lis
                 raise workers.lost_error(exc, task, retries)  # noqa: B904
             _drop_task_note(exc)
             raise
+
+
+def _run_here(load_model: Any, plan: _Plan, items: list[Any], packed: list[int] | None,
+              done: int, out: list[Any], ckpt: Any, bar: Any) -> None:
+    """One CPU worker: run in this process, each batch stored as it finishes."""
+    seq = len(ckpt.batches) if ckpt is not None else 0
+
+    def task(a: int, b: int) -> _Task:
+        positions = plan.order[a:b]
+        return _Task(seq, tuple(positions), [items[i] for i in positions],
+                     packed[a:b] if packed is not None else None, {})
+
+    def emit(a: int, b: int, parts: list[Any]) -> None:
+        nonlocal seq
+        positions = plan.order[a:b]
+        values = [v for part in parts for v in _as_list(part)]
+        for i, value in zip(positions, values, strict=True):
+            out[i] = value
+        if ckpt is not None:
+            ckpt.record_batch(seq, a, b, _digest(positions, items),
+                              results=_stored_rows(_join(parts)))
+        seq += 1
+        bar.update(b - a)
+
+    run_here(load_model, plan.config, packed, done, len(items), task, emit, _usable_cores())
 
 
 def _nbytes(item: Any) -> int:

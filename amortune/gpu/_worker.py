@@ -98,17 +98,25 @@ def _init_worker(load_model: Callable[[], Any], config: _WorkerConfig) -> None:
     if config.n_threads:
         torch.set_num_threads(config.n_threads)
     device = _device.worker_device(os.environ.get(WORKER_DEVICE_ENV, "cpu"))
+    _STATE = _load(load_model, config, device, "in the worker")
+
+
+def _load(load_model: Callable[[], Any], config: _WorkerConfig, device: _device.Device,
+          where: str) -> _WorkerState:
+    """Load the model onto ``device``, in eval mode."""
+    import torch
+
     device.check()
     try:
         model = load_model()
     except BaseException as exc:
-        add_note(exc, f"amortune: raised by load_model in the worker for device {device.id}")
+        add_note(exc, f"amortune: raised by load_model {where} for device {device.id}")
         raise
     if isinstance(model, torch.nn.Module):
         model = model.to(device.torch_device)
     if hasattr(model, "eval"):
         model.eval()
-    _STATE = _WorkerState(model, device, config)
+    return _WorkerState(model, device, config)
 
 
 def _state() -> _WorkerState:
@@ -149,6 +157,11 @@ def _free(device: _device.Device) -> None:
     device.empty_cache()
 
 
+def _note_batch(st: _WorkerState, exc: BaseException, indices: Sequence[int]) -> None:
+    add_note(exc, f"amortune: raised by the batch of {describe_indices(tuple(indices))} on "
+                  f"device {st.device.id}")
+
+
 def _run_safely(st: _WorkerState, task: _Task, lo: int, hi: int) -> list[Sequence[Any]]:
     """Run items ``[lo, hi)`` of ``task``; out of memory splits them in two and lowers the cap."""
     items = task.items[lo:hi]
@@ -157,9 +170,7 @@ def _run_safely(st: _WorkerState, task: _Task, lo: int, hi: int) -> list[Sequenc
         return [_predict_batch(st, items)]
     except BaseException as exc:
         if not st.device.is_out_of_memory(exc):
-            indices = task.indices[lo:hi]
-            add_note(exc, f"amortune: raised by the batch of {describe_indices(indices)} on "
-                          f"device {st.device.id}")
+            _note_batch(st, exc, task.indices[lo:hi])
             raise
         oom = True
     assert oom
