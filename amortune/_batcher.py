@@ -9,9 +9,11 @@ Data flow::
         └──────────── result i / the batch's exception ◀── one output per item
 
 ``size`` adapts within ``[min_batch_size, max_batch_size]``: it drops to what arrived within
-``max_wait`` (no item waits for company that is not coming), doubles while a backlog remains
-after a batch is taken (throughput when load rises), and halves when a batch runs past
-``target_batch_seconds``. Batches of equal-shape numpy arrays are stacked into one array.
+``max_wait`` (no item waits for company that is not coming), doubles when any item is left
+waiting after a full batch is taken (throughput when load rises), and halves when a batch runs
+past ``target_batch_seconds``. An adaptive batcher also starts a batch early once arrivals
+pause (``QUIET_GAPS`` times their usual gap), and the size then drops as after ``max_wait``.
+Batches of equal-shape numpy arrays are stacked into one array.
 
 ``fn`` runs in this process on ``concurrency`` threads (with the torch thread count of the thread
 that made the batcher, when torch is loaded), or on model workers: pass an
@@ -45,6 +47,9 @@ log = logging.getLogger("amortune")
 EMA_ALPHA = 0.3
 #: Latencies and batches kept for ``stats()``.
 STATS_WINDOW = 10_000
+#: An adaptive batcher starts a batch once no item has come for this many times the usual gap
+#: between arrivals (a smoothed mean): the stream has paused, so waiting longer only adds latency.
+QUIET_GAPS = 8.0
 
 
 class BatcherFullError(AmortuneError, queue.Full):
@@ -81,7 +86,8 @@ class Batcher:
     max_batch_size, min_batch_size:
         Bounds of the batch size.
     max_wait:
-        Seconds the oldest waiting item may wait for a batch to fill.
+        Seconds the oldest waiting item may wait for a batch to fill (an adaptive batcher starts
+        sooner once arrivals pause).
     initial_batch_size:
         Where the adaptive size starts (default ``min_batch_size``).
     target_batch_seconds:
@@ -152,6 +158,9 @@ class Batcher:
         self._paused = self._stopping = self._stopped = False
         self._running = 0
         self._item_seconds: float | None = None
+        self._last_arrival: float | None = None
+        self._gap: float | None = None  # smoothed seconds between arrivals
+        self._quiet_gaps = QUIET_GAPS if adaptive else 0.0
         self._started = time.perf_counter()
         self._counts = collections.Counter[str]()
         self._latencies: collections.deque[float] = collections.deque(maxlen=STATS_WINDOW)
@@ -225,6 +234,8 @@ class Batcher:
             "error_batches": counts.get("error_batches", 0),
             "cancelled": counts.get("cancelled", 0),
             "batches": counts.get("batches", 0),
+            "batch_starts": {r: counts.get(f"started_{r}", 0)
+                             for r in ("size", "wait", "quiet", "drain")},
             "queue_length": queued,
             "running_batches": running,
             "paused": paused,
@@ -291,12 +302,20 @@ class Batcher:
                     raise BatcherFullError(f"the batcher queue is full ({self.max_queue_size} "
                                            "items waiting)")
                 self._cond.wait(left)
-            request = _Request(item, future, time.perf_counter())
+            now = time.perf_counter()
+            if self._last_arrival is not None:
+                gap = now - self._last_arrival
+                self._gap = gap if self._gap is None else (
+                    EMA_ALPHA * gap + (1 - EMA_ALPHA) * self._gap)
+            self._last_arrival = now
+            request = _Request(item, future, now)
             heapq.heappush(self._heap, (-float(priority), next(self._seq), request))
             self._counts["submitted"] += 1
-            # A runner waits for the first item, then for a full batch or the oldest item's
-            # deadline: only those two events need waking it (each wake costs it the GIL).
-            if len(self._heap) == 1 or len(self._heap) >= self._size:
+            # A runner waits for the first item, then for a full batch or a deadline it keeps
+            # itself: only those two events need waking it (each wake costs it the GIL). A
+            # runner that finds a full batch on its own takes it without waiting.
+            queued = len(self._heap)
+            if queued == 1 or queued == self._size:
                 self._cond.notify_all()
 
     def _fail_queued(self, message: str) -> None:
@@ -326,10 +345,17 @@ class Batcher:
                     reason = "size"
                     break
                 oldest = min(r.enqueued for _, _, r in self._heap)
-                left = oldest + self.max_wait - time.perf_counter()
+                now = time.perf_counter()
+                left = oldest + self.max_wait - now
                 if left <= 0:
                     reason = "wait"
                     break
+                if self._quiet_gaps and self._gap is not None and self._last_arrival is not None:
+                    quiet = self._last_arrival + self._quiet_gaps * self._gap - now
+                    if quiet <= 0:
+                        reason = "quiet"
+                        break
+                    left = min(left, quiet)
                 self._cond.wait(left)
             batch: list[_Request] = []
             while self._heap and len(batch) < self._size:
@@ -338,11 +364,12 @@ class Batcher:
                     self._counts["cancelled"] += 1
                     continue
                 batch.append(request)
-            if reason == "size" and self.adaptive and len(self._heap) >= self._size:
+            if reason == "size" and self.adaptive and self._heap:
                 self._grow()
-            elif reason == "wait" and self.adaptive:
+            elif reason in ("wait", "quiet") and self.adaptive:
                 self._size = max(self.min_batch_size, min(self._size, len(batch)))
             self._running += 1
+            self._counts[f"started_{reason}"] += 1
             self._cond.notify_all()  # room in the queue for blocked submitters
             return batch, reason
 

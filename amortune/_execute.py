@@ -150,16 +150,9 @@ def execute(
     if _quick_allowed(config, options):
         if not callable(func):
             raise TypeError(f"func must be callable, got {type(func).__name__}")
-        from ._quick import (
-            WAITING_CPU_SHARE,
-            WAITING_SAMPLE_SECONDS,
-            quick_serial,
-            run_while_importing,
-        )
+        from ._quick import WAITING_CPU_SHARE, WAITING_SAMPLE_SECONDS, quick_serial
 
         quick = quick_serial(func, data, threshold_seconds=_threshold())
-        if quick is not None and quick.rest is not None:
-            quick = run_while_importing(func, quick, 0)
         if quick is not None:
             if quick.rest is None:
                 return quick.results

@@ -7,9 +7,7 @@ input is predicted to take less than :data:`SERIAL_CERTAIN_FACTOR` times that, s
 whatever the model would add. This module times the first items itself (the first call apart:
 an import or a cache fill is paid once), runs the rest in growing chunks while re-checking the
 rate, and hands over to the full planner with every result so far the moment the remaining work
-could pay for workers (costs that grow along the input), after running more items while the
-engine is imported in the background. Imports ``time`` and ``itertools`` only (``threading``
-and ``importlib`` when it hands over).
+could pay for workers (costs that grow along the input). Imports ``time`` and ``itertools`` only.
 """
 
 from __future__ import annotations
@@ -21,7 +19,7 @@ from typing import Any
 
 from ._serde import note_item
 
-__all__ = ["QuickOutcome", "quick_serial", "run_while_importing"]
+__all__ = ["QuickOutcome", "quick_serial"]
 
 #: The cheapest pool start there is: forking two workers from a single-threaded caller and
 #: getting their first replies takes 5-15 ms on the reference machine.
@@ -47,8 +45,8 @@ MIN_SPEEDUP = 1.2
 class QuickOutcome:
     """Results so far; ``rest`` is ``None`` when the whole input is done.
 
-    ``cpu_share`` is the CPU time over the wall time of the items run while the engine was
-    imported (``None`` if too few ran): a low share means the items wait (I/O, sleep).
+    ``cpu_share`` is the caller thread's CPU time over the wall time of the timed items
+    (``None`` if none was timed): a low share means the items wait (I/O, sleep).
     """
 
     __slots__ = ("results", "rest", "n_rest", "item_seconds", "cpu_share")
@@ -81,7 +79,8 @@ def _stopped() -> RuntimeError:
 def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
                  threshold_seconds: float = SERIAL_CERTAIN_FACTOR * (
                      CHEAPEST_START_SECONDS + ENGINE_IMPORT_SECONDS),
-                 clock: Callable[[], float] = time.perf_counter) -> QuickOutcome | None:
+                 clock: Callable[[], float] = time.perf_counter,
+                 cpu_clock: Callable[[], float] = time.thread_time) -> QuickOutcome | None:
     """Run ``func`` over ``data`` in the caller while that is certainly the fastest way.
 
     Returns ``None`` without running anything for inputs without a length (the planner reads
@@ -103,12 +102,13 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
             except StopIteration as exc:
                 raise _stopped() from exc
         first = clock() - t0
-        size, per_item, done_timed, spent = 1, first, 0, 0.0
+        size, per_item, done_timed, spent, cpu = 1, first, 0, 0.0, 0.0
         while len(out) < n_total:
-            t1 = clock()
+            c1, t1 = cpu_clock(), clock()
             before = len(out)
             out.extend(map(func, itertools.islice(it, size)))
             took = clock() - t1
+            cpu += cpu_clock() - c1
             if len(out) - before < min(size, n_total - before):
                 raise _stopped()
             done_timed += size
@@ -121,7 +121,7 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
             timed = took >= MIN_TIMED_SECONDS or size >= MIN_TIMED_ITEMS
             if timed and left * per_item > threshold_seconds and not _moving_costs_more(
                     out[-1], per_item):
-                return QuickOutcome(out, it, left, per_item)
+                return QuickOutcome(out, it, left, per_item, min(1.0, cpu / max(spent, 1e-9)))
             size = max(1, min(left, size * 2, int(CHECK_SECONDS / max(per_item, 1e-9))))
     except BaseException as exc:
         note_item(exc, len(out))
@@ -134,58 +134,3 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
 WAITING_CPU_SHARE = 0.3
 #: The planner's sampling budget after the first look saw waiting items.
 WAITING_SAMPLE_SECONDS = 0.005
-#: Modules every parallel plan imports before its first item runs elsewhere; the first look
-#: imports them in a background thread while it keeps running items (see
-#: :func:`run_while_importing`). The process backend (multiprocessing) loads only when planned.
-ENGINE_MODULES = ("amortune._engine", "amortune.backends.threads")
-
-
-def run_while_importing(func: Callable[[Any], Any], outcome: QuickOutcome, start_index: int,
-                        *, modules: tuple[str, ...] = ENGINE_MODULES) -> QuickOutcome:
-    """Keep running items in the caller while the engine is imported in a background thread.
-
-    A fresh process pays ~30 ms of imports before any worker can start; items that wait (I/O,
-    ``sleep``, numpy releasing the GIL) run meanwhile at full speed, pure-Python items share the
-    interpreter with the import, so either way the caller is never idle. The thread is joined
-    before this returns: a fork that follows is made from a single-threaded process.
-    """
-    import sys
-
-    rest, n_rest = outcome.rest, outcome.n_rest or 0
-    if rest is None or all(m in sys.modules for m in modules):
-        return outcome
-    import importlib
-    import threading
-
-    failed: list[BaseException] = []
-
-    def load() -> None:
-        try:
-            for m in modules:
-                importlib.import_module(m)
-        except BaseException as exc:  # pragma: no cover - surfaces again in the caller's import
-            failed.append(exc)
-
-    loader = threading.Thread(target=load, name="amortune-import", daemon=True)
-    loader.start()
-    out = outcome.results
-    size = max(1, int(CHECK_SECONDS / 4 / max(outcome.item_seconds, 1e-9)))
-    n_before, wall0, cpu0 = len(out), time.perf_counter(), time.thread_time()
-    try:
-        while loader.is_alive() and n_rest > 0:
-            before = len(out)
-            want = min(size, n_rest)
-            out.extend(map(func, itertools.islice(rest, want)))
-            if len(out) - before < want:
-                raise _stopped()
-            n_rest -= want
-    except BaseException as exc:
-        note_item(exc, start_index + len(out))
-        raise
-    finally:
-        wall, cpu = time.perf_counter() - wall0, time.thread_time() - cpu0
-        loader.join()
-    share = cpu / wall if len(out) - n_before >= 3 and wall > MIN_TIMED_SECONDS else None
-    if n_rest <= 0:
-        return QuickOutcome(out, None, 0, outcome.item_seconds, share)
-    return QuickOutcome(out, rest, n_rest, outcome.item_seconds, share)

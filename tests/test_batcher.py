@@ -164,6 +164,44 @@ def test_batch_size_drops_to_what_arrives_within_max_wait() -> None:
         assert b.batch_size == 1  # one item came within max_wait: stop waiting for 32
 
 
+def test_batch_size_doubles_when_any_item_is_left_after_a_full_batch() -> None:
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold(batch):
+        entered.set()
+        assert gate.wait(WAIT)
+        return list(batch)
+
+    with Batcher(hold, max_batch_size=16, max_wait=0.001, initial_batch_size=3) as b:
+        b.pause()
+        futures = [b.submit(i) for i in range(4)]  # one more than a batch
+        b.resume()
+        assert entered.wait(WAIT)
+        grown = b.batch_size
+        gate.set()
+        assert [f.result(WAIT) for f in futures] == [0, 1, 2, 3]
+    assert grown == 6
+
+
+def test_a_paused_stream_starts_its_batch_without_waiting_out_max_wait() -> None:
+    rec = Recorder()
+    with Batcher(rec, max_batch_size=64, max_wait=600.0, initial_batch_size=64) as b:
+        futures = [b.submit(i) for i in range(20)]  # never a full batch
+        assert [f.result(WAIT) for f in futures] == [2 * i for i in range(20)]
+        starts = b.stats()["batch_starts"]
+    assert starts["quiet"] >= 1 and starts["wait"] == starts["size"] == 0
+    assert sum(rec.sizes) == 20
+
+
+def test_a_fixed_size_batcher_waits_out_max_wait() -> None:
+    rec = Recorder()
+    with Batcher(rec, max_batch_size=64, max_wait=0.2, adaptive=False) as b:
+        futures = [b.submit(i) for i in range(3)]
+        assert [f.result(WAIT) for f in futures] == [0, 2, 4]
+        starts = b.stats()["batch_starts"]
+    assert starts == {"size": 0, "wait": 1, "quiet": 0, "drain": 0} and rec.sizes == [3]
+
+
 def test_batch_size_halves_when_a_batch_runs_past_target_batch_seconds() -> None:
     gate = threading.Event()
 

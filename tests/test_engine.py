@@ -124,43 +124,21 @@ def test_stop_iteration_in_the_quick_serial_path() -> None:
     assert "amortune: raised while processing item 5" in info.value.__notes__
 
 
-FIRST_LOOK_SCRIPT = textwrap.dedent("""
-    import json, sys, threading, time
-    from amortune._quick import QuickOutcome, run_while_importing
+def test_the_first_look_tells_waiting_items_from_busy_ones() -> None:
+    from amortune._quick import quick_serial
 
-    def f(x):
-        time.sleep(0.001)
-        if x == FAIL_AT:
-            raise KeyError(x)
-        return x * 2
+    for cpu_per_item, waiting in ((0.0, True), (0.0009, False)):
+        clocks = {"wall": 0.0, "cpu": 0.0}
 
-    FAIL_AT = int(sys.argv[1])
-    rest = iter(range(3, 5000))
-    try:
-        got = run_while_importing(f, QuickOutcome([0, 2, 4], rest, 4997, 0.001), 0)
-    except KeyError as exc:
-        print(json.dumps({"error": exc.__notes__}))
-        sys.exit()
-    print(json.dumps({"ran": len(got.results), "right": got.results == [2 * i for i in range(len(got.results))],
-                      "next": next(got.rest), "n_rest": got.n_rest, "threads": threading.active_count(),
-                      "engine": "amortune._engine" in sys.modules, "share": got.cpu_share}))
-""")
+        def item(x: int, c: dict[str, float] = clocks, per: float = cpu_per_item) -> int:
+            c["wall"] += 0.001
+            c["cpu"] += per
+            return x
 
-
-def test_the_first_look_keeps_running_items_while_the_engine_is_imported() -> None:
-    # In a fresh interpreter (the engine not yet imported), the caller is never idle: items run
-    # while a background thread imports the engine, the thread is gone before any fork, and the
-    # rest of the input continues exactly where the caller stopped.
-    proc = subprocess.run([sys.executable, "-c", FIRST_LOOK_SCRIPT, "-1"], capture_output=True,
-                          text=True, timeout=60, check=True)
-    out = json.loads(proc.stdout)
-    assert out["engine"] and out["threads"] == 1 and out["right"]
-    assert 3 < out["ran"] < 5000
-    assert out["next"] == out["ran"] and out["n_rest"] == 5000 - out["ran"]
-    assert out["share"] is not None and out["share"] < 0.3  # sleeping items: the plan samples briefly
-    proc = subprocess.run([sys.executable, "-c", FIRST_LOOK_SCRIPT, "4"], capture_output=True,
-                          text=True, timeout=60, check=True)
-    assert json.loads(proc.stdout)["error"] == ["amortune: raised while processing item 4"]
+        got = quick_serial(item, range(10_000), clock=functools.partial(clocks.get, "wall"),
+                           cpu_clock=functools.partial(clocks.get, "cpu"))
+        assert got is not None and got.rest is not None and got.cpu_share is not None
+        assert (got.cpu_share < 0.3) is waiting
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -436,6 +436,131 @@ def _reset_worker_state():
     gpu._worker._STATE = None
 
 
+# -- one CPU worker, in this process ------------------------------------------------------------
+
+
+class BatchLog:
+    """A predict that records each batch's size (and padded width) and can refuse big ones with
+    the CPU allocator's out-of-memory error."""
+
+    def __init__(self, refuse_above: int | None = None) -> None:
+        self.sizes: list[int] = []
+        self.widths: list[int] = []
+        self.refuse_above = refuse_above
+        self.refused = 0
+
+    def __call__(self, model: torch.nn.Module, batch):
+        n = len(batch)
+        if self.refuse_above is not None and n > self.refuse_above:
+            self.refused += 1
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 1 bytes")
+        self.sizes.append(n)
+        if isinstance(batch, gpu.Padded):
+            self.widths.append(int(batch.values.shape[1]))
+            return model(batch.values, batch.lengths)
+        return model(batch)
+
+
+def test_one_cpu_worker_runs_here_and_its_search_batches_are_part_of_the_result(
+        tmp_path: Path) -> None:
+    log = tmp_path / "loads.jsonl"
+    data = items(3000)
+    threads = torch.get_num_threads()
+    record = BatchLog()
+    out = gpu.map_model(functools.partial(make_mlp, str(log)), data, devices=["cpu"],
+                        predict=record)
+    assert torch.allclose(torch.stack(out), reference(make_mlp, data), atol=1e-6)
+    assert [s["pid"] for s in loads(log)] == [os.getpid()]  # one load, in this process
+    assert sum(record.sizes) == len(data)  # no item ran twice: the search timed real batches
+    assert record.sizes[0] == gpu.CPU_START_BATCH_SIZE
+    assert torch.get_num_threads() == threads
+    assert gpu._local.runs_here(["cpu"], None)
+    assert not gpu._local.runs_here(["cpu"], 60.0) and not gpu._local.runs_here(["cpu"] * 2, None)
+    assert not gpu._local.runs_here(["0"], None)
+
+
+def test_a_cpu_worker_with_a_timeout_keeps_its_own_process(tmp_path: Path) -> None:
+    log = tmp_path / "loads.jsonl"
+    data = items(50)
+    out = gpu.map_model(functools.partial(make_mlp, str(log)), data, devices=["cpu"],
+                        timeout=120)
+    assert torch.allclose(torch.stack(out), reference(make_mlp, data), atol=1e-6)
+    (seen,) = loads(log)
+    assert seen["pid"] != os.getpid() and seen["visible"] == ""
+
+
+def test_the_search_on_the_input_reruns_what_ran_out_of_memory_and_keeps_a_margin() -> None:
+    data = items(20000)
+    record = BatchLog(refuse_above=50)
+    st_ = gpu._WorkerState(make_mlp().eval(), _device.Device("cpu"),
+                           _config(predict=record, item_cap=4096))
+    done: list[tuple[int, int]] = []
+    outputs: list[torch.Tensor] = []
+
+    def task(a: int, b: int) -> gpu._Task:
+        return gpu._Task(0, tuple(range(a, b)), data[a:b], None, {})
+
+    def emit(a: int, b: int, parts) -> None:
+        done.append((a, b))
+        outputs.extend(v for p in parts for v in gpu._as_list(p))
+
+    report, cursor = gpu._local.search_on_input(st_, None, 0, len(data), task, emit)
+    assert report is not None and report.limited_by == "memory"
+    assert report.batch_size == st_.item_cap <= math.floor(50 * (1 - gpu.MARGIN))
+    assert [a for a, _ in done] == [0] + [b for _, b in done[:-1]] and done[-1][1] == cursor
+    assert max(b - a for a, b in done) <= 50
+    assert torch.allclose(torch.stack(outputs), reference(make_mlp, data[:cursor]), atol=1e-6)
+
+
+def test_the_search_on_the_input_stops_when_the_input_runs_out() -> None:
+    data = items(30)
+    st_ = gpu._WorkerState(make_mlp().eval(), _device.Device("cpu"), _config(item_cap=30))
+    done: list[tuple[int, int]] = []
+    report, cursor = gpu._local.search_on_input(
+        st_, None, 0, len(data), lambda a, b: gpu._Task(0, tuple(range(a, b)), data[a:b], None, {}),
+        lambda a, b, parts: done.append((a, b)))
+    assert report is None and cursor == 30 and sum(b - a for a, b in done) == 30
+
+
+def test_out_of_memory_in_this_process_lowers_the_size_for_the_batches_after_it() -> None:
+    data = items(400)
+    record = BatchLog(refuse_above=10)
+    out = gpu.map_model(make_mlp, data, devices=["cpu"], predict=record, batch_size=40)
+    assert torch.allclose(torch.stack(out), reference(make_mlp, data), atol=1e-6)
+    assert sum(record.sizes) == len(data) and max(record.sizes) <= 10
+    assert record.refused <= 10  # ten batches of 40 would each fail three times or more
+
+
+def test_ragged_sequences_in_this_process_run_longest_first_within_the_token_budget() -> None:
+    data = ragged(600, longest=40)
+    record = BatchLog()
+    out = gpu.map_model(make_conv, data, devices=["cpu"], length=len, predict=record)
+    assert torch.allclose(torch.stack(out), conv_reference(data), atol=1e-5)
+    assert sum(record.sizes) == len(data)
+    assert record.widths == sorted(record.widths, reverse=True)  # longest first
+    assert record.widths[0] == max(len(x) for x in data)
+
+
+def test_a_checkpoint_resumes_in_this_process_too(tmp_path: Path) -> None:
+    flag, calls, ckpt = tmp_path / "fail", tmp_path / "calls", tmp_path / "run.ckpt"
+    flag.touch()
+    data = items(64)
+    data[42][0] = FAIL
+    predict = functools.partial(failing_predict, str(flag), str(calls))
+    with pytest.raises(ValueError, match="a FAIL item") as info:
+        gpu.map_model(make_mlp, data, predict=predict, batch_size=8, checkpoint=ckpt,
+                      devices=["cpu"])
+    assert any("items 40-47" in n and "device cpu" in n for n in info.value.__notes__)
+    flag.unlink()
+    calls.unlink()
+    out = gpu.map_model(make_mlp, data, predict=predict, batch_size=8, checkpoint=ckpt,
+                        devices=["cpu"])
+    rerun = sorted(int(i) for line in calls.read_text().split("\n") for i in line.split())
+    assert rerun == list(range(40, 64))
+    assert torch.allclose(torch.stack(out), reference(make_mlp, data), atol=1e-6)
+
+
 # -- real spawned workers on fake GPUs --------------------------------------------------------
 
 

@@ -21,17 +21,22 @@ sees exactly one device, ``cuda:0``. The scheduler (:mod:`amortune._schedule`) s
 runs sized by their measured time; a worker that dies or runs a batch past ``timeout`` is
 replaced in the same slot (the same device) and its tasks run again (``retries``), then the call
 fails with a :class:`ModelBatchError` naming the items and the device. Without a GPU (or with
-``devices="cpu"``) the same code runs on CPU workers sharing the cores.
+``devices="cpu"``) the same code runs on CPU workers sharing the cores; a single CPU worker
+without a ``timeout`` runs in the calling process (``_local``), its batch-size search timing
+batches of the input itself.
 
-Modules: ``_map`` (:func:`map_model`, :func:`find_batch_size`), ``_online``
+Modules: ``_map`` (:func:`map_model`, :func:`find_batch_size`), ``_local`` (one CPU worker
+in this process), ``_online``
 (:class:`ModelWorkers`), ``_plan`` and ``_pool`` (caller side), ``_worker`` (what runs in a
 worker), ``_search`` (the batch-size search), ``_collate``, ``_transfer`` (items through the
 pipe), ``_backend`` (``backend="gpu"``). Imports the standard library and lower amortune layers
-(the process backend, the scheduler, the checkpoint); torch loads only in workers.
+(the process backend, the scheduler, the checkpoint); torch loads only in workers (and in this
+process for a run there).
 """
 
 from __future__ import annotations
 
+from . import _local as _local
 from ._backend import _register, device_backend
 from ._collate import Padded, default_collate, default_predict, default_split, trim_padding
 from ._constants import BISECT_TOLERANCE as BISECT_TOLERANCE

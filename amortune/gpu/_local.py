@@ -72,21 +72,32 @@ def run_here(load_model: Callable[[], Any], config: _WorkerConfig, lengths: list
         st = _load(load_model, config, _device.worker_device("cpu", {}), "in this process")
         log.info("amortune: model loaded in this process in %.2f s", time.perf_counter() - began)
         began = time.perf_counter()
+        batches = 0
+
+        def counted(a: int, b: int, parts: list[Sequence[Any]]) -> None:
+            nonlocal batches
+            batches += 1
+            emit(a, b, parts)
+
         cursor = start
         if config.search is not None:
-            report, cursor = search_on_input(st, lengths, start, n, task, emit)
+            report, cursor = search_on_input(st, lengths, start, n, task, counted)
             if report is not None:
                 log.info("amortune: device cpu: batch size %d, tokens %s (%s)",
                          report.batch_size, report.max_tokens, report.limited_by)
             log.info("amortune: batch size searched on %d items in %.2f s, in this process",
                      cursor - start, time.perf_counter() - began)
-        rest = lengths[cursor:] if lengths is not None else None
-        bounds = pack_batches(rest, n - cursor, st.item_cap, st.token_cap)
-        for a, b in bounds:
-            t = task(cursor + a, cursor + b)
-            emit(cursor + a, cursor + b, _run_safely(st, t, 0, b - a))
+        while cursor < n:
+            caps = (st.item_cap, st.token_cap)
+            rest = lengths[cursor:] if lengths is not None else None
+            at = cursor
+            for a, b in pack_batches(rest, n - at, *caps):
+                counted(at + a, at + b, _run_safely(st, task(at + a, at + b), 0, b - a))
+                cursor = at + b
+                if (st.item_cap, st.token_cap) != caps:
+                    break  # out of memory lowered the size: pack the rest again
         log.info("amortune: ran %d items in %d batches in %.2f s, in this process", n - start,
-                 len(bounds), time.perf_counter() - began)
+                 batches, time.perf_counter() - began)
 
 
 def search_on_input(st: _WorkerState, lengths: Sequence[int] | None, start: int, n: int,
