@@ -36,6 +36,10 @@ CHECK_SECONDS = 0.02
 #: is mostly islice/map/extend overhead, ~1 µs per call on the reference machine).
 MIN_TIMED_SECONDS = 0.5e-3
 MIN_TIMED_ITEMS = 1024
+#: Below this per item, no plan goes parallel however long the input: the caller's own work for
+#: each item sent to a worker (pickling it and unpickling its result, 0.5-1 µs each for small
+#: objects on the reference machine, as the planner measures them) exceeds what a worker saves.
+MIN_PARALLEL_ITEM_SECONDS = 1e-6
 #: The same numbers as ``_model.PIPE_BYTES_PER_SECOND`` and ``_model.MIN_SPEEDUP`` (that module
 #: is not imported here: the first look must stay cheap); tests/test_model.py keeps them equal.
 PIPE_BYTES_PER_SECOND = 1.0e9
@@ -119,8 +123,9 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
             # A chunk shorter than MIN_TIMED_SECONDS is mostly the loop's own overhead: keep
             # doubling until the rate is measured, then judge the rest by it.
             timed = took >= MIN_TIMED_SECONDS or size >= MIN_TIMED_ITEMS
-            if timed and left * per_item > threshold_seconds and not _moving_costs_more(
-                    out[-1], per_item):
+            if (timed and left * per_item > threshold_seconds
+                    and per_item >= MIN_PARALLEL_ITEM_SECONDS
+                    and not _moving_costs_more(out[-1], per_item)):
                 return QuickOutcome(out, it, left, per_item, min(1.0, cpu / max(spent, 1e-9)))
             size = max(1, min(left, size * 2, int(CHECK_SECONDS / max(per_item, 1e-9))))
     except BaseException as exc:

@@ -506,3 +506,32 @@ def test_the_first_look_uses_the_models_constants() -> None:
 
     assert _quick.PIPE_BYTES_PER_SECOND == _model.PIPE_BYTES_PER_SECOND
     assert _quick.MIN_SPEEDUP == _model.MIN_SPEEDUP
+
+
+def test_items_under_the_first_looks_floor_never_go_parallel() -> None:
+    # The first look keeps items cheaper than MIN_PARALLEL_ITEM_SECONDS in the caller however
+    # long the input; the model agrees, even for ten million items on a warm pool.
+    from amortune._model import Costs, WorkloadProfile, decide
+    from amortune._quick import MIN_PARALLEL_ITEM_SECONDS
+
+    t = MIN_PARALLEL_ITEM_SECONDS * 0.99
+    profile = WorkloadProfile(n_sampled=64, sampled_wall_seconds=64 * t, item_wall_seconds=t,
+                              item_cpu_seconds=t, in_bytes=5, out_bytes=5,
+                              pickle_in_seconds=0.5e-6, pickle_out_seconds=0.5e-6)
+    costs = Costs(usable_cores=8, available_memory_bytes=16 << 30, process_start_seconds=0.0,
+                  per_worker_start_seconds=0.0, warm_workers=8)
+    assert decide(profile, 10_000_000, costs).executor == "serial"
+
+
+def test_the_first_look_keeps_cheap_items_in_the_caller_even_with_a_warm_pool() -> None:
+    from amortune._quick import quick_serial
+
+    now = [0.0]
+
+    def cheap(x: int) -> int:
+        now[0] += 0.5e-6
+        return x
+
+    got = quick_serial(cheap, range(200_000), threshold_seconds=0.01, clock=lambda: now[0],
+                       cpu_clock=lambda: now[0])
+    assert got is not None and got.rest is None and len(got.results) == 200_000
