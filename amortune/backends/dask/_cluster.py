@@ -68,11 +68,13 @@ def _slots(workers: Mapping[str, Mapping[str, Any]], resources: Mapping[str, flo
 
 
 def _dispatch_seconds(client: Any) -> float:
-    """Seconds one task costs end to end when tasks are streamed: measured once per client.
+    """Seconds one task costs a worker when tasks are streamed: measured once per client.
 
-    Bursts of a few and of more empty tasks: the difference per extra task is the cost of
-    one more task in a stream of them, without the fixed latency of the client's message
-    batching (which a stream of chunks shares). The better of two rounds.
+    Two figures, the larger wins. Bursts of a few and of more empty tasks: the difference per
+    extra task is the cost of one more task in a stream of them. And half the round trip of a
+    single task: the scheduler keeps queued tasks until a worker has a free thread, so between
+    two chunks a worker waits for its "done" to reach the scheduler and the next task to come
+    back, about half of a whole round trip. The better of two rounds each.
     """
     cached = _DISPATCH.get(client)
     if cached is not None:
@@ -85,11 +87,12 @@ def _dispatch_seconds(client: Any) -> float:
         return time.perf_counter() - t0
 
     small, large = _PROBE_TASKS // 4, _PROBE_TASKS
-    best = float("inf")
+    best = gap = float("inf")
     for _ in range(_PROBE_ROUNDS):
         few, many = burst(small), burst(large)
         per_task = (many - few) / (large - small)
         best = min(best, max(per_task, many / large / 4))  # noise cannot make it ~0
-    best = min(best, 0.1)
+        gap = min(gap, burst(1) / 2)
+    best = min(max(best, gap), 0.1)
     _DISPATCH[client] = best
     return best
