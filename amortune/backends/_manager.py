@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import pickle
+import select
 import threading
 import time
 from concurrent.futures import CancelledError
@@ -43,7 +45,7 @@ from .._protocol import (
 )
 from .._serde import dumps
 from .._serve import load_prctl, worker_main
-from .._worker import FUNC_CACHE_SIZE
+from .._worker import FUNC_CACHE_SIZE, poller
 from ._base import Slot, settle
 from ._pending import Flags, Pending, WorkerState, describe, finish, kill, memory_hint
 from ._start import record_start_cost, start_process
@@ -88,6 +90,10 @@ class Manager:
         self.kills: list[Pending] = []
         self.workers: list[WorkerState] = []
         self.wake_r, self.wake_w = ctx_later.Pipe(duplex=False)
+        self.wake_ready = poller(self.wake_r)
+        self._poll: Any = None
+        self._poll_key: tuple[int, ...] = ()
+        self._poll_fds: dict[int, Any] = {}
         self.start_failures = 0
         self.task_seconds: float | None = None  # a moving average of the tasks' wall time
         from .._system import oom_kill_count
@@ -178,12 +184,9 @@ class Manager:
                     self.retry_start_at = time.perf_counter() + _START_RETRY_SECONDS
                     break
             self._assign()
-            waitables: list[Any] = [self.wake_r]
-            for w in self.workers:
-                waitables += [w.conn, w.process.sentinel]
-            ready = mp_wait(waitables, self._next_deadline())
+            ready = self._wait_ready(self._next_deadline())
             if self.wake_r in ready:
-                while self.wake_r.poll():
+                while self.wake_ready():
                     self.wake_r.recv_bytes()
                 with flags.lock:  # after draining: a wake-up from now on writes a new byte
                     flags.woken = False
@@ -193,6 +196,28 @@ class Manager:
                 if w.process.sentinel in ready or not w.process.is_alive():
                     self._reap(w)
             self._check_deadlines()
+
+    def _wait_ready(self, timeout: float | None) -> set[Any]:
+        """The wake-up pipe, worker pipes and sentinels ready within ``timeout`` seconds.
+
+        One ``select.poll`` object, rebuilt only when the workers change: building a selector
+        per wait (``multiprocessing.connection.wait``) costs more than a tiny task does.
+        """
+        waitables: list[Any] = [self.wake_r]
+        for w in self.workers:
+            waitables += [w.conn, w.process.sentinel]
+        if not hasattr(select, "poll"):  # pragma: no cover - Windows
+            return set(mp_wait(waitables, timeout))
+        key = tuple(id(x) for x in waitables)
+        if key != self._poll_key:
+            self._poll, self._poll_key = select.poll(), key
+            self._poll_fds = {}
+            for x in waitables:
+                fd = x if isinstance(x, int) else x.fileno()
+                self._poll.register(fd, select.POLLIN)
+                self._poll_fds[fd] = x
+        ms = None if timeout is None else max(0, math.ceil(timeout * 1000))
+        return {self._poll_fds[fd] for fd, _ in self._poll.poll(ms) if fd in self._poll_fds}
 
     def _apply_cancels(self, cancels: list[Pending], kills: list[Pending]) -> None:
         for p in kills:
@@ -305,7 +330,7 @@ class Manager:
     def _receive(self, w: WorkerState) -> None:
         while True:
             try:
-                if not w.conn.poll():
+                if not w.has_message():
                     return
                 msg = pickle.loads(w.conn.recv_bytes())
             except (EOFError, OSError):

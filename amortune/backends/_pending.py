@@ -4,7 +4,7 @@
 the manager's view of one worker process (its pipe, slot, running task and backlog);
 :class:`Flags` the state callers read under one lock. :func:`finish` turns a worker's reply into
 the task's :class:`~amortune.backends.ChunkOutcome`. Imports the standard library, ``_errors``,
-``_protocol`` and ``_base``.
+``_protocol``, ``_worker`` and ``_base``.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any
 
 from .._errors import NotPicklableError, rebuild
 from .._protocol import Done
+from .._worker import poller
 from ._base import ChunkFuture, ChunkOutcome, ChunkTask, Slot, settle
 
 __all__ = ["Flags", "Pending", "WorkerState", "describe", "finish", "kill", "memory_hint"]
@@ -50,10 +51,11 @@ class Flags:
 class WorkerState:
     __slots__ = ("process", "conn", "slot", "task", "backlog", "backlog_bytes", "item_started",
                  "item_index", "funcs", "ready", "rss", "retiring", "started_at", "tasks_done",
-                 "note", "env_token")
+                 "note", "env_token", "has_message")
 
     def __init__(self, process: Any, conn: Any, slot: Slot) -> None:
         self.process, self.conn, self.slot = process, conn, slot
+        self.has_message = poller(conn)
         self.task: Pending | None = None
         # Sent behind ``task``, in order; the first starts when ``task`` replies.
         self.backlog: collections.deque[Pending] = collections.deque()
