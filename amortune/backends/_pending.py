@@ -79,7 +79,10 @@ class WorkerState:
         """The task a reply belongs to; replies come in order, so the next task starts now."""
         p = self.task
         self.task = self.backlog.popleft() if self.backlog else None
-        self.backlog_bytes = sum(len(q.payload) for q in self.backlog)
+        # What was sent for it leaves the pipe (a function sent with it stays counted until the
+        # backlog empties: the budget errs on the safe side).
+        self.backlog_bytes = (0 if not self.backlog or self.task is None
+                              else max(0, self.backlog_bytes - len(self.task.payload)))
         if self.task is not None:
             self.item_started, self.item_index = time.perf_counter(), self.task.task.start
         return p
