@@ -46,6 +46,11 @@ PROCESS_DISPATCH_SECONDS = 150e-6
 THREAD_DISPATCH_SECONDS = 30e-6
 #: Starting one more thread in a ThreadPoolExecutor: 85-800 µs measured (benchmarks/calibrate.py).
 THREAD_START_SECONDS = 150e-6
+#: A fresh process's first parallel run imports the planner, the engine and multiprocessing
+#: before any worker starts: 30-50 ms on the reference machine (``python -X importtime``). The
+#: first plan in a process counts it in its predicted time, so the prediction is what the call
+#: will take, not what a warm process would.
+ENGINE_IMPORT_SECONDS = 0.03
 #: Pipe throughput between caller and worker (send_bytes/recv_bytes of 1-64 MB): 0.5-1.4 GB/s.
 PIPE_BYTES_PER_SECOND = 1.0e9
 #: Unpickling costs about as much as pickling for arrays and common containers.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._config import Config
-from ._model import PROCESS_DISPATCH_SECONDS, Costs, decide
+from ._model import ENGINE_IMPORT_SECONDS, PROCESS_DISPATCH_SECONDS, Costs, decide
 from ._plan import OptimizationResult
 from ._profile import Sampled, sample, unsampled
 from ._system import SystemSnapshot, probe_system
@@ -24,6 +24,9 @@ from .backends import Backend, resolve_backend
 from .backends._start import choose_start, start_cost
 
 __all__ = ["PlannedRun", "normalise_n_jobs", "optimize", "plan_run"]
+
+#: True until this process has made a plan (a fresh process pays the engine's imports once).
+_FIRST_PLAN = True
 
 
 @dataclass
@@ -165,6 +168,14 @@ def plan_run(
         chunksize=planned_chunksize,
         executor="processes" if backend is not None else executor,
     )
+    global _FIRST_PLAN
+    if _FIRST_PLAN and decision.executor != "serial":
+        # This process has just paid the engine's imports: the call takes that much longer.
+        decision = dataclasses.replace(
+            decision, predicted_seconds=decision.predicted_seconds + ENGINE_IMPORT_SECONDS,
+            reasons=(*decision.reasons, f"the prediction includes ~{ENGINE_IMPORT_SECONDS * 1e3:.0f} "
+                     "ms of imports this process pays once, for its first parallel run"))
+    _FIRST_PLAN = False
     n_items = (sampled.profile.n_sampled + sampled.n_remaining
                if sampled.n_remaining_known else None)
     # A re-iterable input is handed back as is; a one-shot iterator is chained back together

@@ -506,6 +506,7 @@ def test_the_first_look_uses_the_models_constants() -> None:
 
     assert _quick.PIPE_BYTES_PER_SECOND == _model.PIPE_BYTES_PER_SECOND
     assert _quick.MIN_SPEEDUP == _model.MIN_SPEEDUP
+    assert _quick.ENGINE_IMPORT_SECONDS == _model.ENGINE_IMPORT_SECONDS
 
 
 def test_items_under_the_first_looks_floor_never_go_parallel() -> None:
@@ -535,3 +536,24 @@ def test_the_first_look_keeps_cheap_items_in_the_caller_even_with_a_warm_pool() 
     got = quick_serial(cheap, range(200_000), threshold_seconds=0.01, clock=lambda: now[0],
                        cpu_clock=lambda: now[0])
     assert got is not None and got.rest is None and len(got.results) == 200_000
+
+
+def test_a_processs_first_parallel_plan_counts_the_engines_imports() -> None:
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import json, amortune
+        from tests import tasks
+        plans = [amortune.optimize(tasks.sleep_then_return, [0.004] * 300) for _ in range(2)]
+        print(json.dumps([[r for r in p.reasons if "imports this process pays once" in r]
+                          for p in plans] + [p.executor for p in plans]))
+    """)
+    root = __import__("pathlib").Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=120, check=True)
+    first, second, executor, _ = json.loads(out.stdout)
+    assert executor != "serial"
+    assert first and not second  # paid once per process, by its first parallel plan
