@@ -44,7 +44,8 @@ PARALLEL_FLOOR_SECONDS = 0.01
 PROCESS_DISPATCH_SECONDS = 150e-6
 #: Handing one chunk to a thread and back through a future: 20-40 µs measured.
 THREAD_DISPATCH_SECONDS = 30e-6
-#: Starting one more thread in a ThreadPoolExecutor: 85-800 µs measured (benchmarks/calibrate.py).
+#: Starting one thread: 85-800 µs measured (benchmarks/calibrate.py). Threads start one another
+#: while work is queued, so ``P`` threads are up after ``ceil(log2 P) + 1`` starts, not ``P``.
 THREAD_START_SECONDS = 150e-6
 #: A fresh process's first parallel run imports the planner, the engine and multiprocessing
 #: before any worker starts: 30-50 ms on the reference machine (``python -X importtime``). The
@@ -224,7 +225,8 @@ def predict_thread_seconds(
     cpu_share = p.item_cpu_seconds / max(p.item_wall_seconds, 1e-12)
     gil = n_items * (p.item_cpu_seconds if cpu_share < IO_BOUND_CPU_SHARE else p.item_wall_seconds)
     spread = n_items * p.item_wall_seconds / n_threads
-    overhead = chunks * THREAD_DISPATCH_SECONDS + n_threads * THREAD_START_SECONDS
+    starts = math.ceil(math.log2(max(1, n_threads))) + 1  # each running thread starts one more
+    overhead = chunks * THREAD_DISPATCH_SECONDS + starts * THREAD_START_SECONDS
     return max(gil, spread) + overhead + _tail_seconds(p)
 
 

@@ -486,6 +486,19 @@ def test_large_results_that_cost_more_to_move_than_to_make_stay_serial() -> None
     from amortune._quick import quick_serial
 
     # 8 MiB of zeros costs microseconds to make (the pages are mapped lazily) and ~8 ms to send.
-    got = quick_serial(tasks.zeros_8mb, range(300), threshold_seconds=0.0)
+    # A virtual clock (20 µs an item) keeps the decision from depending on this machine's load.
+    now = [0.0]
+
+    def timed(make: Any) -> Any:
+        def item(x: int) -> Any:
+            now[0] += 20e-6
+            return make(x)
+        return item
+
+    small = quick_serial(timed(tasks.square), range(300), threshold_seconds=0.0,
+                         clock=lambda: now[0], cpu_clock=lambda: now[0])
+    assert small is not None and small.rest is not None  # small results: workers could pay
+    got = quick_serial(timed(tasks.zeros_8mb), range(300), threshold_seconds=0.0,
+                       clock=lambda: now[0], cpu_clock=lambda: now[0])
     assert got is not None and got.rest is None  # every item ran here: moving them costs more
     assert len(got.results) == 300
