@@ -8,8 +8,11 @@ sequences (``length=len``). For each, items/s of
 
 * a plain loop calling the model on one item at a time (batch 1),
 * plain loops over fixed batches of 8, 32, 128 and 512 items in input order (for the ragged
-  workload also sorted longest first, shown for reference); the loops' rates do not depend on
-  the input's size, so the slow ones run a part of it,
+  workload also sorted longest first, shown for reference). Batches of 32 and more run the whole
+  input, as ``map_model`` does: a loop's rate falls as its input grows (a million output tensors
+  make the garbage collector and the caches work harder: batch 128 runs about 20 % slower over
+  the whole MLP input than over a fifth of it), so a part would flatter it. The slow loops
+  (batch 1 and 8) run a part, which can only flatter them,
 * ``map_model(devices="cpu")`` with its batch size found, end to end. With one CPU worker (a
   machine of fewer than eight cores) it runs in this process: the model loads here and the
   batch-size search times batches of the input itself, whose outputs are kept. The search's
@@ -18,7 +21,8 @@ sequences (``length=len``). For each, items/s of
   worker that can be replaced): a fresh interpreter importing torch, the model load, the probe
   on sample copies, the run, the shutdown; its start-up and probe are shown apart.
 
-Targets: ``map_model`` at least 5x the batch-1 loop and at least 0.9x the best fixed batch.
+Each rate is the best of three runs (one with ``--quick``), ``map_model``'s too. Targets:
+``map_model`` at least 5x the batch-1 loop and at least 0.9x the best fixed batch.
 
 ``Batcher``: four threads submit items and wait for their results (one, or sixteen, outstanding
 per thread); the batched function is the MLP on a stacked numpy batch. Reported: client-side
@@ -142,21 +146,21 @@ def bench_map_model(name: str, factory, data: list[torch.Tensor], ragged: bool,
                     quick: bool) -> dict:
     repeats = 1 if quick else 3
     model = factory()
-    # The loops' rates do not depend on how many items they run: slow ones run a subset.
+    # A rate falls as the input grows: the contestants for the best fixed batch run all of it;
+    # the slow loops run a part, which only flatters them.
     one_by_one = data[: len(data) // 40]
-    fixed_subset = data[: len(data) // (2 if ragged else 5)]
     rows: dict[str, float] = {}
     rows["loop, batch 1"] = rate(lambda: run_one_by_one(model, one_by_one, ragged),
                                  len(one_by_one), repeats)
     for size in FIXED:
-        part = one_by_one if size == 8 else fixed_subset
+        part = one_by_one if size == 8 else data
         rows[f"loop, batch {size}"] = rate(lambda s=size, d=part: run_fixed(model, d, s, ragged),
                                            len(part), repeats)
     if ragged:
         for size in FIXED:
             rows[f"loop, batch {size}, longest first"] = rate(
-                lambda s=size: run_fixed(model, fixed_subset, s, ragged, sort=True),
-                len(fixed_subset), repeats)
+                lambda s=size: run_fixed(model, data, s, ragged, sort=True),
+                len(data), repeats)
     kwargs = {"length": len} if ragged else {}
     logged: list[str] = []
     handler, level = _Capture(logged), gpu.log.level
@@ -164,7 +168,7 @@ def bench_map_model(name: str, factory, data: list[torch.Tensor], ragged: bool,
     gpu.log.setLevel(logging.INFO)
     try:
         walls, out = [], None
-        for _ in range(1 if quick else 2):
+        for _ in range(repeats):  # best of as many runs as each loop gets
             began = time.perf_counter()
             out = gpu.map_model(factory, data, devices="cpu", **kwargs)
             walls.append(time.perf_counter() - began)

@@ -152,7 +152,7 @@ def test_batch_size_doubles_while_a_backlog_remains() -> None:
         for f in futures:
             f.result(WAIT)
         settled = b.batch_size
-    # 1+2+4+8+16+16+16 = 63: the last item waited max_wait alone, so the size dropped to 1
+    # 1+2+4+8+16+16+16 = 63: the last item ran alone (nothing more came), so the size dropped to 1
     assert rec.sizes == [1, 2, 4, 8, 16, 16, 16, 1]
     assert settled == 1
 

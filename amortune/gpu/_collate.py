@@ -64,6 +64,11 @@ def default_collate(items: Sequence[Any], *, pad: bool = False) -> Any:
         lengths = torch.full((len(items),), block.shape[1], dtype=torch.long)
         return Padded(block, lengths, torch.ones(block.shape[:2], dtype=torch.bool))
     first = items[0]
+    if not pad and isinstance(first, torch.Tensor):
+        try:  # equal shapes, the usual case: one call instead of a check per item
+            return torch.stack(list(items))
+        except (RuntimeError, TypeError):
+            pass
     if isinstance(first, Mapping):
         return {k: default_collate([it[k] for it in items], pad=pad) for k in first}
     if isinstance(first, tuple):

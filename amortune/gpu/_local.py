@@ -67,7 +67,11 @@ def run_here(load_model: Callable[[], Any], config: _WorkerConfig, lengths: list
              start: int, n: int, task: MakeTask, emit: Emit, cores: int) -> None:
     """Load the model here, find the batch size on the first items (if asked) and run the
     packed positions ``[start, n)`` in batches of that size."""
-    with _threads_at_most(cores):
+    import torch
+
+    # Collate and split run under inference mode too (as predict does): tensors made there
+    # skip autograd's bookkeeping, as in a plain loop under one inference_mode block.
+    with _threads_at_most(cores), torch.inference_mode():
         began = time.perf_counter()
         st = _load(load_model, config, _device.worker_device("cpu", {}), "in this process")
         log.info("amortune: model loaded in this process in %.2f s", time.perf_counter() - began)

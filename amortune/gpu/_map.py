@@ -229,18 +229,25 @@ def _run_here(load_model: Any, plan: _Plan, items: list[Any], packed: list[int] 
               done: int, out: list[Any], ckpt: Any, bar: Any) -> None:
     """One CPU worker: run in this process, each batch stored as it finishes."""
     seq = len(ckpt.batches) if ckpt is not None else 0
+    in_order = plan.lengths is None  # the order is the input's: slices serve
 
     def task(a: int, b: int) -> _Task:
         positions = plan.order[a:b]
-        return _Task(seq, tuple(positions), [items[i] for i in positions],
+        batch = items[a:b] if in_order else [items[i] for i in positions]
+        return _Task(seq, tuple(positions), batch,
                      packed[a:b] if packed is not None else None, {})
 
     def emit(a: int, b: int, parts: list[Any]) -> None:
         nonlocal seq
         positions = plan.order[a:b]
         values = [v for part in parts for v in _as_list(part)]
-        for i, value in zip(positions, values, strict=True):
-            out[i] = value
+        if len(values) != b - a:
+            raise ValueError(f"{len(values)} outputs for a batch of {b - a} items")
+        if in_order:
+            out[a:b] = values
+        else:
+            for i, value in zip(positions, values, strict=True):
+                out[i] = value
         if ckpt is not None:
             ckpt.record_batch(seq, a, b, _digest(positions, items),
                               results=_stored_rows(_join(parts)))
