@@ -62,7 +62,7 @@ class QuickOutcome:
 
 
 def _moving_costs_more(result: Any, item_seconds: float) -> bool:
-    """True when sending a result back from a worker costs more than computing it saves.
+    """True when moving an input or a result between processes costs more than computing it saves.
 
     A parallel run unpickles every result in the caller, one after another: with buffers of
     ``nbytes`` that alone takes ``nbytes / PIPE_BYTES_PER_SECOND`` per item, and when that
@@ -100,7 +100,9 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
     append = out.append
     try:
         t0 = clock()
+        first_input: Any = None
         for item in itertools.islice(it, 1):
+            first_input = item
             try:
                 append(func(item))
             except StopIteration as exc:
@@ -125,7 +127,8 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
             timed = took >= MIN_TIMED_SECONDS or size >= MIN_TIMED_ITEMS
             if (timed and left * per_item > threshold_seconds
                     and per_item >= MIN_PARALLEL_ITEM_SECONDS
-                    and not _moving_costs_more(out[-1], per_item)):
+                    and not _moving_costs_more(out[-1], per_item)
+                    and not _moving_costs_more(first_input, per_item)):
                 return QuickOutcome(out, it, left, per_item, min(1.0, cpu / max(spent, 1e-9)))
             size = max(1, min(left, size * 2, int(CHECK_SECONDS / max(per_item, 1e-9))))
     except BaseException as exc:

@@ -498,6 +498,12 @@ def test_large_results_that_cost_more_to_move_than_to_make_stay_serial() -> None
     small = quick_serial(timed(tasks.square), range(300), threshold_seconds=0.0,
                          clock=lambda: now[0], cpu_clock=lambda: now[0])
     assert small is not None and small.rest is not None  # small results: workers could pay
+    import numpy as np
+
+    big_inputs = [np.zeros(1 << 20) for _ in range(300)]  # 8 MiB each, summed in microseconds
+    stayed = quick_serial(timed(np.sum), big_inputs, threshold_seconds=0.0,
+                          clock=lambda: now[0], cpu_clock=lambda: now[0])
+    assert stayed is not None and stayed.rest is None  # sending the inputs costs more
     got = quick_serial(timed(tasks.zeros_8mb), range(300), threshold_seconds=0.0,
                        clock=lambda: now[0], cpu_clock=lambda: now[0])
     assert got is not None and got.rest is None  # every item ran here: moving them costs more
