@@ -156,8 +156,9 @@ def stream(func: Callable[..., Any], run: PlannedRun, config: Config, items: Ite
     finally:
         for b in (backend, escalate.owned if escalate is not None else None):
             starts = getattr(b, "start_times", None)
-            if recorders and starts is not None:
-                stats.worker_starts.update(starts())
+            if recorders and starts is not None:  # workers a warm pool had before are not ours
+                stats.worker_starts.update({slot: t for slot, t in starts().items()
+                                            if t[0] >= stats.started_at})
         if escalate is not None and escalate.owned is not None:
             escalate.owned.shutdown(wait=True)
         if owned:

@@ -319,3 +319,21 @@ def test_notes_say_how_the_run_was_recorded() -> None:
     report = build_report(two_worker_run(), notes=("recorded from item times",))
     assert report.explain().endswith("  note: recorded from item times")
     assert "<p class=\"sub\">recorded from item times</p>" in report.to_html()
+
+
+def test_a_report_on_a_warm_pool_starts_with_the_run_not_with_the_pool() -> None:
+    # Workers the warm pool started for an earlier call are not this run's start-up: its window
+    # (and every lane's "waiting" time) begins when the run does.
+    import time
+
+    import amortune
+    from tests import tasks
+
+    amortune.execute(tasks.spin, [0.002] * 40, executor="processes")  # the pool is warm now
+    time.sleep(0.3)
+    before = time.perf_counter()
+    with amortune.report() as rec:
+        amortune.execute(tasks.spin, [0.002] * 40, executor="processes")
+    rep = rec.report()
+    assert all(started >= before for started, _ in rep.stats.worker_starts.values())
+    assert rep.wall_seconds <= time.perf_counter() - before
