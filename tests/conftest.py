@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import signal
 import threading
 import time
 
@@ -34,6 +35,26 @@ def _stray_processes() -> list[psutil.Process]:
             continue
         out.append(child)
     return out
+
+
+@pytest.fixture(autouse=True)
+def hard_timeout(request: pytest.FixtureRequest):
+    """A test module's ``HARD_TIMEOUT_SECONDS`` turns a hang into a failure (SIGALRM)."""
+    seconds = getattr(request.module, "HARD_TIMEOUT_SECONDS", None)
+    if seconds is None:
+        yield
+        return
+
+    def expire(signum: int, frame: object) -> None:
+        raise TimeoutError(f"test ran past its hard timeout of {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(autouse=True)

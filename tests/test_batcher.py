@@ -8,9 +8,7 @@ has a timeout (a SIGALRM guard fails a test that hangs).
 
 from __future__ import annotations
 
-import signal
 import threading
-from collections.abc import Iterator
 from concurrent.futures import CancelledError
 
 import numpy as np
@@ -21,21 +19,8 @@ from hypothesis import strategies as st
 from amortune._batcher import Batcher, BatcherFullError, BatcherStoppedError
 
 WAIT = 10.0  # seconds any single future may take before the test fails
+#: tests/conftest.py turns a test running longer than this into a failure.
 HARD_TIMEOUT_SECONDS = 60
-
-
-@pytest.fixture(autouse=True)
-def hard_timeout() -> Iterator[None]:
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"test ran past its hard timeout of {HARD_TIMEOUT_SECONDS} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(HARD_TIMEOUT_SECONDS)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 class Recorder:

@@ -14,11 +14,9 @@ import functools
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,22 +30,9 @@ from amortune._batcher import Batcher  # noqa: E402
 from amortune._checkpoint import CheckpointMismatchError  # noqa: E402
 
 IN, HIDDEN, OUT = 8, 32, 3
+#: tests/conftest.py turns a test running longer than this into a failure.
 HARD_TIMEOUT_SECONDS = 240
 REPO = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def hard_timeout() -> Iterator[None]:
-    def expire(signum: int, frame: object) -> None:
-        raise TimeoutError(f"test ran past its hard timeout of {HARD_TIMEOUT_SECONDS} s")
-
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(HARD_TIMEOUT_SECONDS)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture
