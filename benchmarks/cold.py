@@ -55,6 +55,7 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [HERE, REPO]  # the amortune of this checkout, in this process and every probe
 
 import cold_workloads as cw  # noqa: E402  (needs HERE on the path)
+from _measure import machine_busy_seconds  # noqa: E402
 
 MIB = 1 << 20
 
@@ -171,17 +172,6 @@ def precompile() -> None:
 
     compileall.compile_dir(os.path.join(REPO, "amortune"), quiet=1)
     compileall.compile_file(os.path.join(HERE, "cold_workloads.py"), quiet=1)
-
-
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all processes on this machine have used (``/proc/stat``); None elsewhere."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:9]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _group_alive(pgid: int) -> bool:
