@@ -35,6 +35,7 @@ from amortune.backends import (
     BackendInfo,
     ChunkOutcome,
     ChunkTask,
+    FunctionRef,
     Slot,
     register_backend,
 )
@@ -508,3 +509,16 @@ def test_large_results_that_cost_more_to_move_than_to_make_stay_serial() -> None
                        clock=lambda: now[0], cpu_clock=lambda: now[0])
     assert got is not None and got.rest is None  # every item ran here: moving them costs more
     assert len(got.results) == 300
+
+
+def test_the_thread_backend_refuses_bad_sizes_and_work_after_shutdown() -> None:
+    from amortune.backends.threads import ThreadBackend
+
+    with pytest.raises(ValueError, match="n_threads"):
+        ThreadBackend(0)
+    backend = ThreadBackend(4)
+    outcome = backend.submit(ChunkTask(FunctionRef(tasks.square), [1, 2, 3], 0)).result(30)
+    assert outcome.results == [1, 4, 9] and outcome.error is None
+    backend.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        backend.submit(ChunkTask(FunctionRef(tasks.square), [1], 0))
