@@ -160,8 +160,12 @@ def execute(
             options["notes"] = (f"ran items 0-{len(results) - 1} in the caller while they were "
                                 f"cheap; the {quick.n_rest} left take "
                                 f"{quick.item_seconds * 1e3:.3f} ms each",)
-            if quick.cpu_share is not None and quick.cpu_share < WAITING_CPU_SHARE:
-                options["sample_seconds"] = WAITING_SAMPLE_SECONDS  # they already told us
+            # The planner samples what the first look has not already timed: waiting items
+            # need little (they told us), others the default budget less the first look's time.
+            waiting = quick.cpu_share is not None and quick.cpu_share < WAITING_CPU_SHARE
+            from ._config import Config
+            budget = WAITING_SAMPLE_SECONDS if waiting else Config.sample_seconds
+            options["sample_seconds"] = max(WAITING_SAMPLE_SECONDS, budget - quick.seconds)
     options["initargs"] = initargs
     parts = _run(func, data, options, config, len(results), ordered=True)
     for part in parts:

@@ -50,15 +50,17 @@ class QuickOutcome:
     """Results so far; ``rest`` is ``None`` when the whole input is done.
 
     ``cpu_share`` is the caller thread's CPU time over the wall time of the timed items
-    (``None`` if none was timed): a low share means the items wait (I/O, sleep).
+    (``None`` if none was timed): a low share means the items wait (I/O, sleep). ``seconds`` is
+    the wall time the first look ran items, which the planner's own sample need not repeat.
     """
 
-    __slots__ = ("results", "rest", "n_rest", "item_seconds", "cpu_share")
+    __slots__ = ("results", "rest", "n_rest", "item_seconds", "cpu_share", "seconds")
 
     def __init__(self, results: list[Any], rest: Iterator[Any] | None, n_rest: int | None,
-                 item_seconds: float, cpu_share: float | None = None) -> None:
+                 item_seconds: float, cpu_share: float | None = None,
+                 seconds: float = 0.0) -> None:
         self.results, self.rest, self.n_rest, self.item_seconds = results, rest, n_rest, item_seconds
-        self.cpu_share = cpu_share
+        self.cpu_share, self.seconds = cpu_share, seconds
 
 
 def _moving_costs_more(result: Any, item_seconds: float) -> bool:
@@ -129,7 +131,8 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
                     and per_item >= MIN_PARALLEL_ITEM_SECONDS
                     and not _moving_costs_more(out[-1], per_item)
                     and not _moving_costs_more(first_input, per_item)):
-                return QuickOutcome(out, it, left, per_item, min(1.0, cpu / max(spent, 1e-9)))
+                return QuickOutcome(out, it, left, per_item, min(1.0, cpu / max(spent, 1e-9)),
+                                    clock() - t0)
             size = max(1, min(left, size * 2, int(CHECK_SECONDS / max(per_item, 1e-9))))
     except BaseException as exc:
         note_item(exc, len(out))
@@ -140,5 +143,6 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
 #: Items this much of whose time is CPU wait on something else (I/O, sleep): the planner then
 #: samples only briefly, since every extra serial item is time many threads would share.
 WAITING_CPU_SHARE = 0.3
-#: The planner's sampling budget after the first look saw waiting items.
+#: The planner's sampling budget after the first look saw waiting items, and the least it gets
+#: after a first look that already ran items for longer than its usual budget.
 WAITING_SAMPLE_SECONDS = 0.005

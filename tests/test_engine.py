@@ -23,6 +23,7 @@ import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -140,6 +141,26 @@ def test_the_first_look_tells_waiting_items_from_busy_ones() -> None:
                            cpu_clock=functools.partial(clocks.get, "cpu"))
         assert got is not None and got.rest is not None and got.cpu_share is not None
         assert (got.cpu_share < 0.3) is waiting
+        assert got.seconds == pytest.approx(0.001 * len(got.results))  # what the planner skips
+
+
+def test_the_planner_samples_only_what_the_first_look_has_not_timed() -> None:
+    import amortune._execute as execute_module
+    from amortune._config import Config
+    from amortune._quick import WAITING_SAMPLE_SECONDS
+
+    seen: list[float] = []
+    real = execute_module._run
+
+    def spy(func: Any, data: Any, options: dict[str, Any], *args: Any, **kw: Any) -> Any:
+        seen.append(options["sample_seconds"])
+        return real(func, data, options, *args, **kw)
+
+    with patch.object(execute_module, "_run", spy), \
+            patch("amortune._quick.SERIAL_CERTAIN_FACTOR", 0.0):
+        assert amortune.execute(tasks.spin, [0.002] * 40) == [0.002] * 40
+    assert len(seen) == 1
+    assert WAITING_SAMPLE_SECONDS <= seen[0] < Config.sample_seconds  # the first look's time off
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -522,3 +543,30 @@ def test_the_thread_backend_refuses_bad_sizes_and_work_after_shutdown() -> None:
     backend.shutdown()
     with pytest.raises(RuntimeError, match="shut down"):
         backend.submit(ChunkTask(FunctionRef(tasks.square), [1], 0))
+
+
+def test_the_thread_backend_grows_to_its_size_while_every_thread_is_busy() -> None:
+    from amortune.backends.threads import ThreadBackend
+
+    n = 8
+    barrier = threading.Barrier(n, timeout=20)  # passes only once n items run at the same time
+    starters: list[str] = []
+    real_start = threading.Thread.start
+
+    def start(self: threading.Thread) -> None:
+        starters.append(threading.current_thread().name)
+        real_start(self)
+
+    def meet(x: int) -> int:
+        barrier.wait()
+        return x
+
+    backend = ThreadBackend(n)
+    with patch.object(threading.Thread, "start", start):
+        futures = [backend.submit(ChunkTask(FunctionRef(meet), [i], i)) for i in range(n)]
+        outcomes = [f.result(30) for f in futures]
+    backend.shutdown()
+    assert [o.results for o in outcomes] == [[i] for i in range(n)]
+    assert sorted(o.slot for o in outcomes) == list(range(n))  # one slot id each
+    assert len(starters) == n  # never more threads than its size
+    assert not [t for t in threading.enumerate() if t.name.startswith("amortune_")]

@@ -3,9 +3,10 @@
 Each thread takes ``(task, future)`` pairs from one queue and settles the chunk's own future:
 one future, one queue operation and no helper object per chunk, since a plan of 64 threads over
 5 ms items hands over thousands of chunks a second through one interpreter. Threads start on
-demand, up to ``n_threads``, and each keeps its slot id. The caller starts only the first; a
-thread that finds more work queued starts the next, so 64 threads are up after a few start
-latencies (each ~0.2-0.6 ms) instead of 64 of them spent in the caller. A thread cannot be killed, so per-item
+demand, up to ``n_threads``, and each keeps its slot id. The caller starts a thread only when
+none is idle; a thread that takes a job while more are queued than threads are idle starts two
+more, so the pool doubles with every start latency (each ~0.2-0.6 ms): 64 threads after about
+6, nearly none of them paid in the caller. A thread cannot be killed, so per-item
 timeouts need processes; a cancelled chunk stops before its next item. Imports the standard
 library, ``_worker`` and ``._base`` only.
 """
@@ -25,6 +26,9 @@ from .serial import run_setup_in_caller
 
 __all__ = ["THREAD_DISPATCH_SECONDS", "ThreadBackend"]
 
+#: Threads each new thread starts while work is queued and the pool is below its size.
+FAN_OUT = 2
+
 
 class ThreadBackend(Backend):
     """Threads in this process: for items that wait (I/O, sleep, GIL-free native code)."""
@@ -37,6 +41,7 @@ class ThreadBackend(Backend):
         self._n = n_threads
         self._queue: queue.SimpleQueue[tuple[ChunkTask, ChunkFuture] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
+        self._idle = 0  # threads waiting for a job, or made and about to
         self._lock = threading.Lock()
         self._closed = False
 
@@ -51,26 +56,41 @@ class ThreadBackend(Backend):
             if self._closed:
                 raise RuntimeError("cannot submit to a backend that is shut down")
             self._queue.put((task, fut))
-            if not self._threads:
-                self._start_thread()
+            # A thread of the caller's only when none is idle or about to be: the threads
+            # themselves grow the pool while work is queued.
+            new = self._add_threads(1) if self._idle == 0 else []
+        for t in new:
+            t.start()
         return fut
 
-    def _start_thread(self) -> None:
-        """One more thread (under ``_lock``)."""
-        t = threading.Thread(target=self._serve, args=(len(self._threads),),
-                             name=f"amortune_{len(self._threads)}", daemon=True)
-        self._threads.append(t)
-        t.start()
+    def _add_threads(self, n: int) -> list[threading.Thread]:
+        """Up to ``n`` more threads, made under ``_lock`` and started by the caller outside it:
+        ``Thread.start()`` waits for the new thread to run, and the caller's ``submit`` must not
+        wait behind that."""
+        new: list[threading.Thread] = []
+        while len(new) < n and len(self._threads) < self._n and not self._closed:
+            slot = len(self._threads)
+            t = threading.Thread(target=self._serve, args=(slot,), name=f"amortune_{slot}",
+                                 daemon=True)
+            self._threads.append(t)
+            self._idle += 1  # it takes a job first thing
+            new.append(t)
+        return new
 
     def _serve(self, slot: int) -> None:
         while True:
             job = self._queue.get()
+            with self._lock:
+                self._idle -= 1
+                # More work queued than idle threads: grow, from here, not in the caller. Two
+                # each, so the threads double with every start latency (a tree, not a chain).
+                wanted = self._queue.qsize() - self._idle if job is not None else 0
+                new = self._add_threads(min(FAN_OUT, wanted)) if wanted > 0 else []
+            for t in new:
+                t.start()
             if job is None:
                 return
-            if len(self._threads) < self._n and not self._queue.empty():
-                with self._lock:  # more work than threads: grow, from here, not in the caller
-                    if not self._closed and len(self._threads) < self._n:
-                        self._start_thread()
+            del new
             task, fut = job
             if fut.set_running_or_notify_cancel():
                 try:
@@ -78,6 +98,8 @@ class ThreadBackend(Backend):
                 except BaseException as exc:  # the initializer failed: the chunk reports it
                     settle(fut, exc)
             del job, task, fut  # nothing of a finished chunk is kept while waiting
+            with self._lock:
+                self._idle += 1
 
     @staticmethod
     def _run(task: ChunkTask, fut: ChunkFuture, slot: int) -> ChunkOutcome:
@@ -109,5 +131,6 @@ class ThreadBackend(Backend):
         if wait:
             current = threading.current_thread()
             for t in threads:
-                if t is not current:
+                # One made but not started yet runs no chunk: it takes its None and ends.
+                if t is not current and t.ident is not None:
                     t.join()
