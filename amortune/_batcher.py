@@ -8,10 +8,11 @@ Data flow::
         │                                                priority first ─▶ fn(batch)
         └──────────── result i / the batch's exception ◀── one output per item
 
-``size`` adapts within ``[min_batch_size, max_batch_size]``: it drops to what arrived within
-``max_wait`` (no item waits for company that is not coming), doubles when any item is left
-waiting after a full batch is taken (throughput when load rises), and halves when a batch runs
-past ``target_batch_seconds``. An adaptive batcher also starts a batch early once arrivals
+``size`` (how many items a batch waits for) adapts within ``[min_batch_size, max_batch_size]``:
+it drops to what arrived within ``max_wait`` (no item waits for company that is not coming),
+doubles when any item is left waiting after a full batch is taken (throughput when load rises),
+and halves when a batch runs past ``target_batch_seconds``. A batch that starts takes every
+item waiting, up to ``max_batch_size`` (or what fits ``target_batch_seconds``). An adaptive batcher also starts a batch early once arrivals
 pause (``QUIET_GAPS`` times their usual gap), and the size then drops as after ``max_wait``.
 Batches of equal-shape numpy arrays are stacked into one array.
 
@@ -357,8 +358,12 @@ class Batcher:
                         break
                     left = min(left, quiet)
                 self._cond.wait(left)
+            # ``size`` is how many to wait for; once a batch starts it takes every item waiting,
+            # up to the cap: under load an item then always makes the next batch, so it waits at
+            # most for the batch running and its own, never for a queue of partial batches.
+            take = max(self._size, self._cap()) if self.adaptive else self._size
             batch: list[_Request] = []
-            while self._heap and len(batch) < self._size:
+            while self._heap and len(batch) < take:
                 request = heapq.heappop(self._heap)[2]
                 if request.future is not None and not request.future.set_running_or_notify_cancel():
                     self._counts["cancelled"] += 1
@@ -372,6 +377,14 @@ class Batcher:
             self._counts[f"started_{reason}"] += 1
             self._cond.notify_all()  # room in the queue for blocked submitters
             return batch, reason
+
+    def _cap(self) -> int:
+        """The most items one batch takes: ``max_batch_size``, or what fits in
+        ``target_batch_seconds`` at the measured time per item."""
+        if self.target_batch_seconds is not None and self._item_seconds:
+            fits = int(self.target_batch_seconds / self._item_seconds)
+            return max(self.min_batch_size, min(self.max_batch_size, fits))
+        return self.max_batch_size
 
     def _grow(self) -> None:
         new = min(self.max_batch_size, self._size * 2)

@@ -128,7 +128,7 @@ def test_mixed_shapes_are_passed_as_a_list() -> None:
     assert seen == [list]
 
 
-def test_batch_size_doubles_while_a_backlog_remains() -> None:
+def test_a_backlog_runs_in_full_batches_while_the_size_doubles() -> None:
     rec = Recorder()
     with Batcher(rec, max_batch_size=16, max_wait=0.001, initial_batch_size=1) as b:
         b.pause()
@@ -137,9 +137,10 @@ def test_batch_size_doubles_while_a_backlog_remains() -> None:
         for f in futures:
             f.result(WAIT)
         settled = b.batch_size
-    # 1+2+4+8+16+16+16 = 63: the last item ran alone (nothing more came), so the size dropped to 1
-    assert rec.sizes == [1, 2, 4, 8, 16, 16, 16, 1]
-    assert settled == 1
+    # A batch that starts takes every waiting item up to the maximum, so no item waits behind a
+    # queue of partial batches; the size (what a batch waits for) doubled while items were left.
+    assert rec.sizes == [16, 16, 16, 16]
+    assert settled == 8
 
 
 def test_batch_size_drops_to_what_arrives_within_max_wait() -> None:
@@ -157,15 +158,21 @@ def test_batch_size_doubles_when_any_item_is_left_after_a_full_batch() -> None:
         assert gate.wait(WAIT)
         return list(batch)
 
-    with Batcher(hold, max_batch_size=16, max_wait=0.001, initial_batch_size=3) as b:
+    sizes: list[int] = []
+
+    def hold_and_count(batch):
+        sizes.append(len(batch))
+        return hold(batch)
+
+    with Batcher(hold_and_count, max_batch_size=16, max_wait=0.001, initial_batch_size=3) as b:
         b.pause()
-        futures = [b.submit(i) for i in range(4)]  # one more than a batch
+        futures = [b.submit(i) for i in range(17)]  # one more than the largest batch
         b.resume()
         assert entered.wait(WAIT)
         grown = b.batch_size
         gate.set()
-        assert [f.result(WAIT) for f in futures] == [0, 1, 2, 3]
-    assert grown == 6
+        assert [f.result(WAIT) for f in futures] == list(range(17))
+    assert grown == 6 and sizes == [16, 1]  # the first batch took all it could
 
 
 def test_a_paused_stream_starts_its_batch_without_waiting_out_max_wait() -> None:
