@@ -151,8 +151,10 @@ def stream(func: Callable[..., Any], run: PlannedRun, config: Config, items: Ite
         sample_memory=rss_bytes if recorders else None)
     if on_scheduler is not None:
         on_scheduler(sched)  # the batch loop tightens the items in flight to its batch
+    finished = False
     try:
         yield from sched.run(items, start_index=start_index, n_remaining=n_remaining)
+        finished = True
     finally:
         for b in (backend, escalate.owned if escalate is not None else None):
             starts = getattr(b, "start_times", None)
@@ -162,7 +164,9 @@ def stream(func: Callable[..., Any], run: PlannedRun, config: Config, items: Ite
         if escalate is not None and escalate.owned is not None:
             escalate.owned.shutdown(wait=True)
         if owned:
-            backend.shutdown(wait=True)
+            # After a finished run a thread backend's threads are idle: they end on their own
+            # (64 of them take milliseconds to join), and the caller need not wait for that.
+            backend.shutdown(wait=not (finished and backend.name == "threads"))
 
 
 def sample_stats(run: PlannedRun, offset: int, started: float) -> RunStats:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import itertools
 import math
 import pickle
-import statistics
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,6 +130,19 @@ def _func_bytes(func: Callable[..., Any]) -> tuple[bytes | None, str]:
         return None, f"{type(exc).__name__}: {exc}"
 
 
+def _median(values: Sequence[float]) -> float:
+    """The median (``statistics`` is not imported: it pulls in ``fractions``, ``decimal`` and
+    ``random``, milliseconds of a one-shot script's first call)."""
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+
+
+def _fmean(values: Iterable[float]) -> float:
+    items = list(values)
+    return math.fsum(items) / len(items)
+
+
 def sample(
     func: Callable[[Any], Any],
     data: Iterable[Any],
@@ -225,7 +237,7 @@ def sample(
 
     one_off = 0.0
     if n >= 3:
-        rest_median = statistics.median(walls[1:])
+        rest_median = _median(walls[1:])
         if walls[0] > FIRST_CALL_FACTOR * rest_median and walls[0] - rest_median > 1e-3:
             one_off = walls[0] - rest_median
     mean_wall = (sampled_wall - one_off) / n if n else 0.0
@@ -235,8 +247,8 @@ def sample(
         cpus = [min(cpus[0], rest_median), *cpus[1:]]
     cv = 0.0
     if n > 1 and mean_wall > 0:
-        mean_each = statistics.fmean(walls)
-        cv = math.sqrt(statistics.fmean([(w - mean_each) ** 2 for w in walls])) / mean_wall
+        mean_each = _fmean(walls)
+        cv = math.sqrt(_fmean([(w - mean_each) ** 2 for w in walls])) / mean_wall
     if n:
         # An item's cost is its CPU time plus the time it really waited (sleep, I/O). Time the
         # caller sat in the run queue because other processes held the cores is not the
@@ -248,7 +260,7 @@ def sample(
         wait = max(0.0, sum(waits) - runqueue) / n
         if n >= ROBUST_MIN_ITEMS:
             wait = min(wait, (sum(waits) - max(waits)) / (n - 1))
-        mean_cpu = min(mean_cpu, statistics.fmean(cpu_each))
+        mean_cpu = min(mean_cpu, _fmean(cpu_each))
         mean_wall = min(mean_wall, mean_cpu + wait)
     in_b = out_b = in_s = out_s = 0.0
     func_bytes: bytes | None = None
@@ -263,7 +275,7 @@ def sample(
                 picklable = False
                 why = f"an input cannot be pickled: {why_in}" if why_in else (
                     f"a result cannot be pickled: {why_out}")
-    mem = statistics.fmean(result_nbytes(r) for r in results[:PICKLE_PROBES]) if n else 0.0
+    mem = _fmean(result_nbytes(r) for r in results[:PICKLE_PROBES]) if n else 0.0
     profile = WorkloadProfile(
         n_sampled=n,
         sampled_wall_seconds=sampled_wall,

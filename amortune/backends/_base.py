@@ -31,7 +31,6 @@ Imports the standard library and :mod:`amortune._serde` only.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -113,7 +112,7 @@ class WorkerSetup:
         """A stable id of the initializer and its arguments (``None`` without one)."""
         if self.initializer is None:
             return None
-        return hashlib.sha1(self.init_payload).hexdigest()[:20]
+        return _token(self.init_payload)
 
     @property
     def init_payload(self) -> bytes:
@@ -125,9 +124,17 @@ class WorkerSetup:
     def env_token(self) -> str | None:
         if self.env is None:
             return None
-        token: str = _cached_payload(self, "_env_token", lambda: hashlib.sha1(
-            repr(self.env).encode()).hexdigest()[:20])
+        token: str = _cached_payload(self, "_env_token",
+                                     lambda: _token(repr(self.env).encode()))
         return token
+
+
+def _token(data: bytes) -> str:
+    """A short digest naming ``data`` (hashlib is imported here: a threads-only run never needs
+    it, and its import is a few milliseconds of a one-shot script's start)."""
+    import hashlib
+
+    return hashlib.sha1(data).hexdigest()[:20]
 
 
 def _cached_payload(obj: Any, name: str, make: Callable[[], Any]) -> Any:
@@ -164,7 +171,7 @@ class FunctionRef:
     @property
     def token(self) -> str:
         if self._token is None:
-            self._token = hashlib.sha1(self.payload).hexdigest()[:20]
+            self._token = _token(self.payload)
         return self._token
 
 
