@@ -20,7 +20,7 @@ from typing import Any
 
 from ._config import Config
 from ._model import PARALLEL_FLOOR_SECONDS, WorkloadProfile
-from ._serde import note_item
+from ._serde import dumps_function, note_item
 
 __all__ = ["Sampled", "count_items", "result_nbytes", "sample", "unsampled"]
 
@@ -121,11 +121,10 @@ def _pickle_cost(objs: list[Any], clock: Callable[[], float]) -> tuple[float, fl
 
 
 def _func_bytes(func: Callable[..., Any]) -> tuple[bytes | None, str]:
-    """The function as workers receive it (cloudpickle: by value for ``__main__`` and lambdas)."""
+    """The function as workers receive it: by reference when importable (cloudpickle, and its
+    import, only for ``__main__`` functions, lambdas and closures, which travel by value)."""
     try:
-        import cloudpickle
-
-        return cloudpickle.dumps(func, protocol=pickle.HIGHEST_PROTOCOL), ""
+        return dumps_function(func), ""
     except Exception as exc:
         return None, f"{type(exc).__name__}: {exc}"
 

@@ -140,6 +140,21 @@ def test_import_loads_no_heavy_or_optional_package() -> None:
     assert json.loads(proc.stdout) == []
 
 
+def test_a_threads_run_of_an_importable_function_imports_what_it_needs_only() -> None:
+    # An importable function travels by reference: no cloudpickle, no statistics, no hashlib,
+    # and no multiprocessing for items that run on threads.
+    code = (
+        "import sys, json, amortune\n"
+        "from tests import tasks\n"
+        "assert amortune.execute(tasks.sleep_then_return, [0.005] * 200) == [0.005] * 200\n"
+        "mods = ('cloudpickle', 'statistics', 'hashlib', 'multiprocessing', 'numpy')\n"
+        "print(json.dumps([m for m in mods if m in sys.modules]))"
+    )
+    proc = python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
 def test_import_loads_only_the_init_module() -> None:
     code = (
         "import sys, json, amortune\n"
