@@ -361,9 +361,12 @@ class Scheduler:
             self._settle(head, outcome.results)
         failures = self.item_failures[at] = self.item_failures.get(at, 0) + 1
         if self.retry_on and isinstance(exc, self.retry_on) and failures <= self.retries:
-            self.stats.retries += 1
-            due = self.clock() + self.backoff * 2 ** (failures - 1)
-            heapq.heappush(self.delayed, (due, next(self._order), item))
+            if self._past_failure(at):  # an earlier item already failed for good
+                self._drop(item)
+            else:
+                self.stats.retries += 1
+                due = self.clock() + self.backoff * 2 ** (failures - 1)
+                heapq.heappush(self.delayed, (due, next(self._order), item))
         else:
             if failures > 1:
                 add_note(exc, f"amortune: item {at} failed {failures} times "
@@ -374,8 +377,25 @@ class Scheduler:
             note_item(exc, at)
             item.error = exc
             self._fail_at(at, exc)
-        if rest is not None and (self.failed_at is None or not self.fail_fast):
-            self.requeue.append(rest)
+        if rest is not None:
+            # The rest runs unless it comes after an item that failed for good: a failure
+            # further on (another chunk's) must not strand items before it.
+            if self._past_failure(rest.start):
+                self._drop(rest)
+            else:
+                self.requeue.append(rest)
+
+    def _past_failure(self, index: int) -> bool:
+        """Whether item ``index`` need not run: the call stops at an earlier failure."""
+        if not self.fail_fast or self.failed_at is None:
+            return False
+        return index > self.failed_at if self.ordered else True
+
+    def _drop(self, part: _Chunk) -> None:
+        """Forget a part that will not run (it comes after the failure the call stops at)."""
+        if self.ordered and self.window.get(part.start) is part:
+            del self.window[part.start]
+            self.unyielded -= len(part.items)
 
     def _on_failure(self, chunk: _Chunk, exc: BaseException) -> None:
         lost = self.backend.is_lost(exc) or (self.helper is not None and self.helper.is_lost(exc))

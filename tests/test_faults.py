@@ -29,7 +29,7 @@ from typing import Any
 
 import psutil
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import amortune
@@ -315,6 +315,8 @@ def _drive(backend: Backend, n: int, chunksize: int, retries: int) -> tuple[list
 
 @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(0, 60), chunksize=st.integers(1, 7), retries=st.integers(0, 3), fails=FAILS)
+# A retried chunk's rest comes before another chunk's permanent failure: it must still run.
+@example(n=7, chunksize=2, retries=1, fails={1: ("crash", 1), 0: ("transient", 1), 2: ("bad", 1)})
 def test_retries_are_per_item_and_results_stay_in_order(n: int, chunksize: int, retries: int,
                                                        fails: dict[int, tuple[str, int]]) -> None:
     fails = {k: v for k, v in fails.items() if k < n}
