@@ -137,7 +137,8 @@ def stream(func: Callable[..., Any], run: PlannedRun, config: Config, items: Ite
         helper = SerialBackend()  # the caller runs items while no worker is ready yet
     escalate = None
     if (may_escalate and plan.executor == "serial" and run.backend is None
-            and plan.profile.picklable and opts.caller_may_run and n_remaining
+            and plan.profile.picklable and run.sampled.function_probed
+            and opts.caller_may_run and n_remaining
             and run.n_jobs_limit is None and run.system.usable_cores > 1
             and not run.chunksize_pinned and not _in_worker()):
         escalate = _Escalation(run, config, opts, stats)

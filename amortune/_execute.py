@@ -166,6 +166,7 @@ def execute(
             from ._config import Config
             budget = WAITING_SAMPLE_SECONDS if waiting else Config.sample_seconds
             options["sample_seconds"] = max(WAITING_SAMPLE_SECONDS, budget - quick.seconds)
+            options["waiting"] = waiting  # threads are likely: pickle func only if not
     options["initargs"] = initargs
     parts = _run(func, data, options, config, len(results), ordered=True)
     for part in parts:
@@ -268,7 +269,7 @@ def _run(func: Callable[..., Any], data: Iterable[Any], options: dict[str, Any],
                                else pins.get("n_jobs")),
                        chunksize=options["chunksize"],
                        executor=options["backend"] or options["executor"] or pins.get("executor"),
-                       start_index=offset)
+                       start_index=offset, lazy_function_probe=bool(options.get("waiting")))
     _warn(run)
     first = run.sampled.results
     progress, callback = options["progress"], options["progress_callback"]

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._config import Config
-from ._model import ENGINE_IMPORT_SECONDS, PROCESS_DISPATCH_SECONDS, Costs, decide
+from ._model import ENGINE_IMPORT_SECONDS, PROCESS_DISPATCH_SECONDS, Costs, Decision, decide
 from ._plan import OptimizationResult
-from ._profile import Sampled, sample, unsampled
+from ._profile import Sampled, probe_function, sample, unsampled
 from ._system import SystemSnapshot, probe_system
 from .backends import Backend, resolve_backend
 from .backends._start import choose_start, start_cost
@@ -94,11 +94,13 @@ def plan_run(
     chunksize: int | None = None,
     executor: Any = None,
     start_index: int = 0,
+    lazy_function_probe: bool = False,
 ) -> PlannedRun:
     """Sample ``func`` on ``data`` and decide how to run the rest.
 
     ``executor`` is a backend spec (``backend=``): a built-in name, a :class:`Backend`, or an
-    object a registered backend recognises.
+    object a registered backend recognises. ``lazy_function_probe`` (items that wait: threads
+    are likely) pickles ``func`` only if the plan turns out to need processes.
     """
     if not callable(func):
         raise TypeError(f"func must be callable, got {type(func).__name__}")
@@ -151,7 +153,9 @@ def plan_run(
             warnings.append(f"{why}, but the function cannot be pickled to run in a worker "
                             "process; it runs in the caller")
     if sampled is None:
-        sampled = sample(func, data, config, start_index=start_index)
+        sampled = sample(func, data, config, start_index=start_index,
+                         probe_function=not (lazy_function_probe and executor is None
+                                             and backend is None))
     if (executor == "processes" or backend is not None) and not sampled.profile.picklable:
         warnings.append(f"cannot use {'processes' if backend is None else backend.name}: "
                         f"{sampled.profile.not_picklable_reason}; running serially instead")
@@ -159,15 +163,19 @@ def plan_run(
     if not sampled.profile.picklable and sampled.n_remaining:
         warnings.append(
             f"func cannot run in worker processes ({sampled.profile.not_picklable_reason})")
-    decision = decide(
-        sampled.profile,
-        sampled.n_remaining,
-        _costs(config, system, backend),
-        n_items_known=sampled.n_remaining_known,
-        n_jobs=n_jobs,
-        chunksize=planned_chunksize,
-        executor="processes" if backend is not None else executor,
-    )
+    def _decide() -> Decision:
+        return decide(sampled.profile, sampled.n_remaining, _costs(config, system, backend),
+                      n_items_known=sampled.n_remaining_known, n_jobs=n_jobs,
+                      chunksize=planned_chunksize,
+                      executor="processes" if backend is not None else executor)
+
+    decision = _decide()
+    if decision.executor == "processes" and not sampled.function_probed:
+        probe_function(sampled, func)  # the plan sends it to workers: can it travel?
+        if not sampled.profile.picklable:
+            warnings.append(
+                f"func cannot run in worker processes ({sampled.profile.not_picklable_reason})")
+            decision = _decide()
     global _FIRST_PLAN
     if _FIRST_PLAN and decision.executor != "serial":
         # This process has just paid the engine's imports: the call takes that much longer.

@@ -9,6 +9,7 @@ Clocks are arguments so tests can drive it with a virtual clock.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import pickle
@@ -56,6 +57,9 @@ class Sampled:
     n_remaining: int
     n_remaining_known: bool
     func_bytes: bytes | None
+    #: ``False`` when the function was not pickled yet (``probe_function=False``): it is assumed
+    #: to travel until a plan needs it to (:func:`probe_function`).
+    function_probed: bool = True
 
     def remaining_items(self) -> Iterator[Any]:
         """The items not yet run, in order: the read-ahead buffer, then the rest of the input."""
@@ -153,12 +157,16 @@ def sample(
     cpu_clock: Callable[[], float] = time.process_time,
     runqueue_clock: Callable[[], float] | None = None,
     start_index: int = 0,
+    probe_function: bool = True,
 ) -> Sampled:
     """Run ``func`` on the first items of ``data`` and measure it.
 
     Stops after ``config.sample_items`` items or ``config.sample_seconds`` of wall time. Pickling
     is measured only when the rest of the work could pay for parallel execution (more than
     ``parallel_floor_seconds`` of predicted serial time), so a trivial map spends nothing on it.
+    ``probe_function=False`` leaves the function itself unpickled (a ``__main__`` function needs
+    cloudpickle, whose import is ~10 ms of a one-shot script): for items that wait, whose plan is
+    threads unless the model says otherwise, and then :func:`probe_function` pickles it.
     ``on_first_item(wall_seconds, cpu_seconds, n_total)`` is called after the first item, so the
     caller can start workers while the rest of the sample runs. ``runqueue_clock`` (default: the
     kernel's per-thread run-queue time) lets the time the caller waited for a busy CPU be told
@@ -265,8 +273,8 @@ def sample(
     func_bytes: bytes | None = None
     picklable, why = True, ""
     if n and n_remaining * mean_wall > parallel_floor_seconds:
-        func_bytes, why = _func_bytes(func)
-        picklable = func_bytes is not None
+        func_bytes, why = _func_bytes(func) if probe_function else (None, "")
+        picklable = func_bytes is not None or not probe_function
         if picklable:
             in_b, in_s, why_in = _pickle_cost(inputs[:PICKLE_PROBES], clock)
             out_b, out_s, why_out = _pickle_cost(results[:PICKLE_PROBES], clock)
@@ -291,7 +299,23 @@ def sample(
         not_picklable_reason=why,
         first_call_seconds=one_off,
     )
-    return Sampled(profile, results, inputs, read_ahead, it, n_remaining, known, func_bytes)
+    probed = probe_function or not picklable or not (n and n_remaining * mean_wall
+                                                     > parallel_floor_seconds)
+    return Sampled(profile, results, inputs, read_ahead, it, n_remaining, known, func_bytes,
+                   function_probed=probed)
+
+
+def probe_function(sampled: Sampled, func: Callable[..., Any]) -> Sampled:
+    """``sampled`` with the function pickled (a no-op when it was): unpicklable, the profile
+    says so and the plan must not send it anywhere."""
+    if sampled.function_probed:
+        return sampled
+    func_bytes, why = _func_bytes(func)
+    sampled.func_bytes, sampled.function_probed = func_bytes, True
+    if func_bytes is None:
+        sampled.profile = dataclasses.replace(sampled.profile, picklable=False,
+                                              not_picklable_reason=why)
+    return sampled
 
 
 def unsampled(func: Callable[..., Any], data: Iterable[Any]) -> Sampled | None:

@@ -155,6 +155,22 @@ def test_a_threads_run_of_an_importable_function_imports_what_it_needs_only() ->
     assert json.loads(proc.stdout) == []
 
 
+def test_a_threads_run_of_a_main_function_never_imports_cloudpickle() -> None:
+    # A function defined in __main__ would travel by value: items that wait run on threads,
+    # so it is never pickled, and cloudpickle (~10 ms to import) is never loaded.
+    code = (
+        "import sys, json, time, amortune\n"
+        "def nap(x):\n"
+        "    time.sleep(0.005)\n"
+        "    return x\n"
+        "assert amortune.execute(nap, range(200)) == list(range(200))\n"
+        "print(json.dumps([m for m in ('cloudpickle', 'multiprocessing') if m in sys.modules]))"
+    )
+    proc = python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == []
+
+
 def test_import_loads_only_the_init_module() -> None:
     code = (
         "import sys, json, amortune\n"

@@ -89,6 +89,31 @@ def test_unpicklable_function_is_never_sent_to_processes() -> None:
     assert any("cannot be pickled" in r for r in plan.reasons)
 
 
+def test_a_lazily_probed_function_is_pickled_once_the_plan_needs_processes() -> None:
+    from amortune._optimize import plan_run
+
+    lock = threading.Lock()
+
+    def locked_spin(x: int) -> int:
+        with lock:
+            tasks.spin(0.002)
+        return x
+
+    # CPU-bound items: the model would choose processes, so the function is pickled after all,
+    # found unpicklable, and the plan decided again without processes.
+    run = plan_run(locked_spin, range(300), Config(), lazy_function_probe=True)
+    assert run.sampled.function_probed and not run.plan.profile.picklable
+    assert run.plan.executor != "processes", run.plan.explain()
+    assert any("cannot run in worker processes" in w for w in run.plan.warnings)
+    # A picklable one is probed the same way and goes to processes as before.
+    run = plan_run(tasks.spin, [0.002] * 300, Config(), lazy_function_probe=True)
+    assert run.sampled.function_probed and run.sampled.func_bytes
+    assert run.plan.executor == "processes", run.plan.explain()
+    # Items that wait go to threads without the function ever being pickled.
+    run = plan_run(tasks.sleep_then_return, [0.005] * 300, Config(), lazy_function_probe=True)
+    assert run.plan.executor == "threads" and not run.sampled.function_probed
+
+
 def test_unpicklable_function_with_processes_pinned_falls_back_with_a_warning() -> None:
     lock = threading.Lock()
 
