@@ -171,6 +171,21 @@ def test_a_threads_run_of_a_main_function_never_imports_cloudpickle() -> None:
     assert json.loads(proc.stdout) == []
 
 
+def test_a_finished_threads_run_leaves_the_process_free_to_fork() -> None:
+    # The run returns without joining its idle threads; the next start-method choice waits for
+    # them, so a process that was single-threaded before the run may still fork its workers.
+    code = (
+        "import threading, amortune\n"
+        "from tests import tasks\n"
+        "from amortune.backends._start import choose_start\n"
+        "amortune.execute(tasks.sleep_then_return, [0.005] * 300)\n"
+        "print(choose_start(None).first, threading.active_count())"
+    )
+    proc = python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["fork", "1"]
+
+
 def test_import_loads_only_the_init_module() -> None:
     code = (
         "import sys, json, amortune\n"

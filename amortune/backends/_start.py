@@ -79,6 +79,9 @@ def choose_start(configured: str | None) -> StartPlan:
     if _cuda_initialised():
         return StartPlan(later, later, f"start method {later}: CUDA is initialised in this "
                                        "process, and a forked child cannot use it")
+    threads = sys.modules.get("amortune.backends.threads")
+    if threads is not None:
+        threads.join_ending_threads()  # a finished threads run's idle threads, ending anyway
     if threading.active_count() > 1 or threading.current_thread() is not threading.main_thread():
         return StartPlan(later, later, f"start method {later}: this process runs "
                                        f"{threading.active_count()} threads, so a fork could "

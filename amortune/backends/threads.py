@@ -29,6 +29,23 @@ __all__ = ["THREAD_DISPATCH_SECONDS", "ThreadBackend"]
 #: Threads each new thread starts while work is queued and the pool is below its size.
 FAN_OUT = 2
 
+#: Threads of backends shut down without waiting: idle, told to end, not joined yet. Before a
+#: fork, :func:`join_ending_threads` waits for them (a few ms), so they never make a process
+#: that is single-threaded in all but these look multi-threaded.
+_ENDING: list[threading.Thread] = []
+_ENDING_LOCK = threading.Lock()
+
+
+def join_ending_threads() -> None:
+    """Wait for the threads of backends shut down with ``wait=False`` to end."""
+    with _ENDING_LOCK:
+        ending = list(_ENDING)
+        _ENDING.clear()
+    current = threading.current_thread()
+    for t in ending:
+        if t is not current and t.ident is not None:
+            t.join()
+
 
 class ThreadBackend(Backend):
     """Threads in this process: for items that wait (I/O, sleep, GIL-free native code)."""
@@ -134,3 +151,6 @@ class ThreadBackend(Backend):
                 # One made but not started yet runs no chunk: it takes its None and ends.
                 if t is not current and t.ident is not None:
                     t.join()
+        else:
+            with _ENDING_LOCK:
+                _ENDING.extend(threads)
