@@ -13,6 +13,7 @@ library, ``_worker`` and ``._base`` only.
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -45,6 +46,11 @@ def join_ending_threads() -> None:
     for t in ending:
         if t is not current and t.ident is not None:
             t.join()
+
+
+# Any fork, this package's or the program's own, first waits for them: a child is then forked
+# from a process whose only threads are its own.
+os.register_at_fork(before=join_ending_threads)
 
 
 class ThreadBackend(Backend):
