@@ -12,8 +12,9 @@ Data flow::
 it drops to what arrived within ``max_wait`` (no item waits for company that is not coming),
 doubles when any item is left waiting after a full batch is taken (throughput when load rises),
 and halves when a batch runs past ``target_batch_seconds``. A batch that starts takes every
-item waiting, up to ``max_batch_size`` (or what fits ``target_batch_seconds``). An adaptive batcher also starts a batch early once arrivals
-pause (``QUIET_GAPS`` times their usual gap), and the size then drops as after ``max_wait``.
+item waiting, up to ``max_batch_size`` (or what fits ``target_batch_seconds``). An adaptive
+batcher also starts a batch early once arrivals pause (``QUIET_GAPS`` times their usual gap),
+and the size then drops as after ``max_wait``.
 Batches of equal-shape numpy arrays are stacked into one array.
 
 ``fn`` runs in this process on ``concurrency`` threads (with the torch thread count of the thread

@@ -18,7 +18,7 @@ from typing import Any
 from ._config import Config
 from ._model import ENGINE_IMPORT_SECONDS, PROCESS_DISPATCH_SECONDS, Costs, Decision, decide
 from ._plan import OptimizationResult
-from ._profile import Sampled, probe_function, sample, unsampled
+from ._profile import Sampled, finish_function_probe, sample, unsampled
 from ._system import SystemSnapshot, probe_system
 from .backends import Backend, resolve_backend
 from .backends._start import choose_start, start_cost
@@ -160,9 +160,11 @@ def plan_run(
         warnings.append(f"cannot use {'processes' if backend is None else backend.name}: "
                         f"{sampled.profile.not_picklable_reason}; running serially instead")
         executor, n_jobs, backend = "serial", None, None
+    def _cannot_travel() -> str:
+        return f"func cannot run in worker processes ({sampled.profile.not_picklable_reason})"
+
     if not sampled.profile.picklable and sampled.n_remaining:
-        warnings.append(
-            f"func cannot run in worker processes ({sampled.profile.not_picklable_reason})")
+        warnings.append(_cannot_travel())
     def _decide() -> Decision:
         return decide(sampled.profile, sampled.n_remaining, _costs(config, system, backend),
                       n_items_known=sampled.n_remaining_known, n_jobs=n_jobs,
@@ -171,10 +173,9 @@ def plan_run(
 
     decision = _decide()
     if decision.executor == "processes" and not sampled.function_probed:
-        probe_function(sampled, func)  # the plan sends it to workers: can it travel?
+        finish_function_probe(sampled, func)  # the plan sends it to workers: can it travel?
         if not sampled.profile.picklable:
-            warnings.append(
-                f"func cannot run in worker processes ({sampled.profile.not_picklable_reason})")
+            warnings.append(_cannot_travel())
             decision = _decide()
     global _FIRST_PLAN
     if _FIRST_PLAN and decision.executor != "serial":

@@ -58,7 +58,7 @@ class Sampled:
     n_remaining_known: bool
     func_bytes: bytes | None
     #: ``False`` when the function was not pickled yet (``probe_function=False``): it is assumed
-    #: to travel until a plan needs it to (:func:`probe_function`).
+    #: to travel until a plan needs it to (:func:`finish_function_probe`).
     function_probed: bool = True
 
     def remaining_items(self) -> Iterator[Any]:
@@ -166,7 +166,8 @@ def sample(
     ``parallel_floor_seconds`` of predicted serial time), so a trivial map spends nothing on it.
     ``probe_function=False`` leaves the function itself unpickled (a ``__main__`` function needs
     cloudpickle, whose import is ~10 ms of a one-shot script): for items that wait, whose plan is
-    threads unless the model says otherwise, and then :func:`probe_function` pickles it.
+    threads unless the model says otherwise, and then :func:`finish_function_probe` pickles
+    it.
     ``on_first_item(wall_seconds, cpu_seconds, n_total)`` is called after the first item, so the
     caller can start workers while the rest of the sample runs. ``runqueue_clock`` (default: the
     kernel's per-thread run-queue time) lets the time the caller waited for a busy CPU be told
@@ -272,7 +273,8 @@ def sample(
     in_b = out_b = in_s = out_s = 0.0
     func_bytes: bytes | None = None
     picklable, why = True, ""
-    if n and n_remaining * mean_wall > parallel_floor_seconds:
+    worth_pickling = bool(n and n_remaining * mean_wall > parallel_floor_seconds)
+    if worth_pickling:
         func_bytes, why = _func_bytes(func) if probe_function else (None, "")
         picklable = func_bytes is not None or not probe_function
         if picklable:
@@ -299,13 +301,11 @@ def sample(
         not_picklable_reason=why,
         first_call_seconds=one_off,
     )
-    probed = probe_function or not picklable or not (n and n_remaining * mean_wall
-                                                     > parallel_floor_seconds)
     return Sampled(profile, results, inputs, read_ahead, it, n_remaining, known, func_bytes,
-                   function_probed=probed)
+                   function_probed=probe_function or not picklable or not worth_pickling)
 
 
-def probe_function(sampled: Sampled, func: Callable[..., Any]) -> Sampled:
+def finish_function_probe(sampled: Sampled, func: Callable[..., Any]) -> Sampled:
     """``sampled`` with the function pickled (a no-op when it was): unpicklable, the profile
     says so and the plan must not send it anywhere."""
     if sampled.function_probed:

@@ -73,13 +73,20 @@ def test_sample_size_limits_the_sample() -> None:
     assert plan.profile.n_sampled == 5
 
 
-def test_unpicklable_function_is_never_sent_to_processes() -> None:
+def _locked_spin() -> Any:
+    """A ~2 ms CPU-bound function closing over a lock: it cannot be pickled."""
     lock = threading.Lock()
 
     def locked_spin(x: int) -> int:
         with lock:
             tasks.spin(0.002)
         return x
+
+    return locked_spin
+
+
+def test_unpicklable_function_is_never_sent_to_processes() -> None:
+    locked_spin = _locked_spin()
 
     plan = amortune.optimize(locked_spin, range(300))
     assert plan.executor != "processes"
@@ -92,12 +99,7 @@ def test_unpicklable_function_is_never_sent_to_processes() -> None:
 def test_a_lazily_probed_function_is_pickled_once_the_plan_needs_processes() -> None:
     from amortune._optimize import plan_run
 
-    lock = threading.Lock()
-
-    def locked_spin(x: int) -> int:
-        with lock:
-            tasks.spin(0.002)
-        return x
+    locked_spin = _locked_spin()
 
     # CPU-bound items: the model would choose processes, so the function is pickled after all,
     # found unpicklable, and the plan decided again without processes.
@@ -115,12 +117,7 @@ def test_a_lazily_probed_function_is_pickled_once_the_plan_needs_processes() -> 
 
 
 def test_unpicklable_function_with_processes_pinned_falls_back_with_a_warning() -> None:
-    lock = threading.Lock()
-
-    def locked_spin(x: int) -> int:
-        with lock:
-            tasks.spin(0.002)
-        return x
+    locked_spin = _locked_spin()
 
     plan = amortune.optimize(locked_spin, range(300), executor="processes")
     assert plan.executor == "serial"
