@@ -16,7 +16,6 @@ at each read (:class:`amortune._files.PrivateDir`): a folder replaced mid-run is
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -31,6 +30,8 @@ from amortune._errors import AmortuneError
 from amortune._files import FileErrors, PrivateDir, dump_stream, file_error
 from amortune._fingerprint import describe_function, function_fingerprint, input_digest
 from amortune._spill import Segment, SpilledResults, SpillStore, write_segment
+
+from ._record import asdict, record
 
 try:
     import fcntl
@@ -75,7 +76,7 @@ class CheckpointPermissionError(CheckpointError, PermissionError):
 _ERRORS = FileErrors("checkpoint", CheckpointPermissionError, CheckpointError)
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class BatchRecord:
     """A finished batch: input positions ``[start, stop)``, their digest, and its segment file."""
 
@@ -338,7 +339,7 @@ class Checkpoint:
 
     def _write_manifest(self, batches: list[BatchRecord], segments: dict[int, Segment],
                         aggregate: str | None) -> None:
-        entries = [{**dataclasses.asdict(b), "count": seg and seg.count,
+        entries = [{**asdict(b), "count": seg and seg.count,
                     "nbytes": seg and seg.nbytes} for b in batches for seg in [segments.get(b.seq)]]
         manifest = {"version": _VERSION, "fingerprint": self.fingerprint,
                     "function": self.function_name, "mode": self.mode, "batches": entries,

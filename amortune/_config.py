@@ -6,12 +6,12 @@ inward. Imports the standard library only.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
+
+from ._record import record, replace
 
 __all__ = ["Config", "default_start_method"]
 
@@ -30,7 +30,7 @@ def default_start_method() -> str:
     return "forkserver" if sys.platform.startswith("linux") else "spawn"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Config:
     """Options for planning and running a map; every field has a safe default.
 
@@ -130,4 +130,4 @@ class Config:
 
     def replace(self, **changes: Any) -> Config:
         """A copy with some fields changed (``None`` values are ignored)."""
-        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})

@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
 from typing import Any
 
 from ._config import Config
 from ._model import MIN_SPEEDUP, PROCESS_DISPATCH_SECONDS, THREAD_DISPATCH_SECONDS, decide
 from ._optimize import PlannedRun, _costs
 from ._policy import ChunkPolicy, FixedChunkPolicy
+from ._record import record, replace
 from ._schedule import Scheduler
 from ._stats import RunStats, active_recorders
 from ._worker import rss_bytes
@@ -40,7 +40,7 @@ SERIAL_TARGET_CHUNK_SECONDS = 0.02
 DISPATCH_SHARE_FACTOR = 40
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class CallOptions:
     """What one call asked for beyond the plan: call style, set-up, bounds, ordering."""
 
@@ -53,6 +53,9 @@ class CallOptions:
     caller_may_run: bool = True
     #: What happened before this stream (a quick serial start), for the run's record.
     notes: tuple[str, ...] = ()
+
+
+DEFAULT_OPTIONS = CallOptions()
 
 
 def _open_backend(run: PlannedRun, config: Config, opts: CallOptions,
@@ -102,7 +105,7 @@ def _setup(run: PlannedRun, opts: CallOptions) -> WorkerSetup:
 
 
 def stream(func: Callable[..., Any], run: PlannedRun, config: Config, items: Iterator[Any], *,
-           start_index: int, n_remaining: int | None, opts: CallOptions = CallOptions(),
+           start_index: int, n_remaining: int | None, opts: CallOptions = DEFAULT_OPTIONS,
            on_progress: Callable[[int], None] | None = None, stats: RunStats | None = None,
            backend: Backend | None = None, may_escalate: bool = True,
            fn: FunctionRef | None = None,

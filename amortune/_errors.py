@@ -10,7 +10,6 @@ load on first use, so a serial run never imports them.
 from __future__ import annotations
 
 import pickle
-import signal
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -134,6 +133,8 @@ def exit_reason(exitcode: int | None, *, memory_hint: bool | None = None) -> str
     if exitcode is None:
         return "unknown exit status"
     if exitcode < 0:
+        import signal  # only a dead worker is described: a run that loses none never loads it
+
         try:
             name = signal.Signals(-exitcode).name
         except ValueError:

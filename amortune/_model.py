@@ -12,7 +12,8 @@ reference machine prints them).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
+from ._record import record
 
 __all__ = [
     "Costs",
@@ -69,7 +70,7 @@ MIN_CHUNKS_PER_WORKER = 4
 IO_BOUND_CPU_SHARE = 0.3
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class WorkloadProfile:
     """What sampling measured, per item, in seconds and bytes (means over the sampled items)."""
 
@@ -90,7 +91,7 @@ class WorkloadProfile:
     first_call_seconds: float = 0.0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Costs:
     """The machine and pool facts the model needs (from ``_system`` and the backend)."""
 
@@ -108,7 +109,7 @@ class Costs:
     max_slots: int | None = None
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class Decision:
     """The model's output: what to run, how, and why."""
 

@@ -8,17 +8,16 @@ start costs measured earlier in this process and the warm pool, if one is alread
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from ._config import Config
 from ._model import ENGINE_IMPORT_SECONDS, PROCESS_DISPATCH_SECONDS, Costs, Decision, decide
 from ._plan import OptimizationResult
 from ._profile import Sampled, finish_function_probe, sample, unsampled
+from ._record import record, replace
 from ._system import SystemSnapshot, probe_system
 from .backends import Backend, resolve_backend
 from .backends._start import choose_start, start_cost
@@ -29,7 +28,7 @@ __all__ = ["PlannedRun", "normalise_n_jobs", "optimize", "plan_run"]
 _FIRST_PLAN = True
 
 
-@dataclass
+@record()
 class PlannedRun:
     """A plan plus what sampling already produced (results to reuse, the rest of the input)."""
 
@@ -180,7 +179,7 @@ def plan_run(
     global _FIRST_PLAN
     if _FIRST_PLAN and decision.executor != "serial":
         # This process has just paid the engine's imports: the call takes that much longer.
-        decision = dataclasses.replace(
+        decision = replace(
             decision, predicted_seconds=decision.predicted_seconds + ENGINE_IMPORT_SECONDS,
             reasons=(*decision.reasons, f"the prediction includes ~{ENGINE_IMPORT_SECONDS * 1e3:.0f} "
                      "ms of imports this process pays once, for its first parallel run"))
@@ -208,7 +207,7 @@ def plan_run(
         extra_warnings=tuple(warnings),
     )
     if backend is not None and plan.executor != "serial":
-        plan = dataclasses.replace(plan, executor=backend.name)
+        plan = replace(plan, executor=backend.name)
     return PlannedRun(plan, sampled, system, chunksize_pinned=chunksize is not None,
                       fallbacks=tuple(warnings), backend=backend, n_jobs_limit=n_jobs,
                       executor_pinned=pinned, backend_owned=owned and backend is not None)

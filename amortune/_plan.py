@@ -5,17 +5,16 @@ Owns presentation of a decision; it decides nothing. Imports ``_model`` for the 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
 from ._model import Decision, WorkloadProfile, fmt_bytes, fmt_seconds
+from ._record import asdict, field, record
 
 __all__ = ["OptimizationResult"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class OptimizationResult:
     """A plan for mapping a function over data, and the measurements behind it.
 
@@ -121,7 +120,7 @@ class OptimizationResult:
             "start_method": self.start_method,
             "system": self.system,
             "thread_cap": self.thread_cap,
-            "profile": dataclasses.asdict(self.profile),
+            "profile": asdict(self.profile),
         }
 
     def __str__(self) -> str:

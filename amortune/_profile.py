@@ -9,18 +9,17 @@ Clocks are arguments so tests can drive it with a virtual clock.
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import math
 import pickle
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ._config import Config
 from ._model import PARALLEL_FLOOR_SECONDS, WorkloadProfile
+from ._record import record, replace
 from ._serde import dumps_function, note_item
 
 __all__ = ["Sampled", "count_items", "result_nbytes", "sample", "unsampled"]
@@ -45,7 +44,7 @@ FIRST_CALL_MAX_SECONDS = 1.0
 MEMCPY_BYTES_PER_SECOND = 1.6e9
 
 
-@dataclass
+@record()
 class Sampled:
     """What sampling produced: the profile, the results so far and the rest of the input."""
 
@@ -313,7 +312,7 @@ def finish_function_probe(sampled: Sampled, func: Callable[..., Any]) -> Sampled
     func_bytes, why = _func_bytes(func)
     sampled.func_bytes, sampled.function_probed = func_bytes, True
     if func_bytes is None:
-        sampled.profile = dataclasses.replace(sampled.profile, picklable=False,
+        sampled.profile = replace(sampled.profile, picklable=False,
                                               not_picklable_reason=why)
     return sampled
 

@@ -10,7 +10,6 @@ numpy only inside functions.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import pickle
 import re
@@ -19,6 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from amortune._files import PrivateDir, Sink, dumps_item
+
+from ._record import record
 
 __all__ = ["Segment", "read_segment", "write_segment"]
 
@@ -32,7 +33,7 @@ _ITEMS_TAG = "amortune-items"
 _ITEMS_HEAD = b"\x80\x05(\x8c" + bytes([len(_ITEMS_TAG)]) + _ITEMS_TAG.encode() + b"]("
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class Segment:
     """One batch's results on disk: file ``name`` in the folder, ``count`` items, ``nbytes``."""
 

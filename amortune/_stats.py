@@ -9,13 +9,14 @@ library only.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 from typing import Any
+
+from ._record import field, record
 
 __all__ = ["ChunkEvent", "PlanChange", "Recorder", "RunStats", "active_recorders"]
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class ChunkEvent:
     """One chunk's life: sent by the caller, run in ``slot``, its outcome received."""
 
@@ -39,7 +40,7 @@ class ChunkEvent:
     status: str = "ok"
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class PlanChange:
     """Something the run changed in the plan while it ran (moved to workers, chunk size ...)."""
 
@@ -47,7 +48,7 @@ class PlanChange:
     what: str
 
 
-@dataclass
+@record()
 class RunStats:
     """Everything the scheduler saw during one call."""
 

@@ -10,14 +10,14 @@ process); affinity, quotas and memory do change, so every snapshot reads them fr
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 import os
 import sys
-from dataclasses import dataclass
 
 from amortune._config import Config
+
+from ._record import asdict, record
 
 __all__ = [
     "SystemSnapshot",
@@ -39,7 +39,7 @@ _UNLIMITED_BYTES = 1 << 60
 _GIB = 1 << 30
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SystemSnapshot:
     """What this process may use now; built by :func:`probe_system` and passed down explicitly.
 
@@ -59,7 +59,7 @@ class SystemSnapshot:
 
     def to_dict(self) -> dict[str, object]:
         """Field-to-value mapping of plain (JSON-serialisable) values."""
-        return dataclasses.asdict(self)
+        return asdict(self)
 
     def describe(self) -> str:
         """One line for humans, as used by ``OptimizationResult.explain()``."""

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import pytest
 
 from amortune import Config
 from amortune._config import default_start_method
+from amortune._record import FrozenInstanceError
 
 
 def test_defaults_are_valid_and_frozen() -> None:
@@ -18,7 +18,7 @@ def test_defaults_are_valid_and_frozen() -> None:
     assert default_start_method() in ("forkserver", "spawn")
     assert c.sample_items >= 1 and c.sample_seconds > 0
     assert 0 < c.memory_fraction <= 1
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenInstanceError):
         c.max_workers = 2  # type: ignore[misc]
     assert hash(c) == hash(Config())
 

@@ -451,6 +451,21 @@ def test_a_tiny_map_settles_serial_without_heavy_imports() -> None:
     assert json.loads(out.stdout) == []
 
 
+def test_a_parallel_call_of_an_importable_function_skips_dataclasses_and_openssl() -> None:
+    """What a one-shot script pays before its first worker starts: no ``dataclasses`` (and its
+    ``inspect``), no ``hashlib`` (OpenSSL), no cloudpickle for a function importable by name."""
+    code = ("import sys, json, amortune\n"
+            "from tests import tasks\n"
+            "if __name__ == '__main__':\n"
+            "    assert amortune.execute(tasks.spin, [0.002] * 400) == [0.002] * 400\n"
+            "    print(json.dumps([sorted(m for m in ('dataclasses', 'inspect', 'hashlib', "
+            "'cloudpickle') if m in sys.modules), 'amortune.backends.processes' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [[], True]
+
+
 BLAS_SCRIPT = textwrap.dedent("""
     import json
     import numpy  # at the top of the script, before amortune

@@ -6,7 +6,6 @@ function of the numbers written in the test.
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 import math
 
@@ -26,6 +25,7 @@ from amortune._model import (
     predict_process_seconds,
     predict_thread_seconds,
 )
+from amortune._record import FrozenInstanceError, replace
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -85,8 +85,8 @@ DECISIONS = [
      TWO_CORES, "serial"),
     ("1MiB-inputs-unmeasured-pickling", profile(1e-4, in_bytes=MiB, pickle_in_seconds=0.0), 980,
      TWO_CORES, "serial"),
-    ("1-core-cpu-bound", CPU_2MS, 990, dataclasses.replace(TWO_CORES, usable_cores=1), "serial"),
-    ("1-core-heavy-cpu", profile(0.5), 10_000, dataclasses.replace(TWO_CORES, usable_cores=1),
+    ("1-core-cpu-bound", CPU_2MS, 990, replace(TWO_CORES, usable_cores=1), "serial"),
+    ("1-core-heavy-cpu", profile(0.5), 10_000, replace(TWO_CORES, usable_cores=1),
      "serial"),
     ("unpicklable-cpu-bound", profile(0.002, picklable=False, not_picklable_reason="lock"), 990,
      TWO_CORES, "serial"),
@@ -123,8 +123,8 @@ def test_cpu_bound_on_two_cores_uses_both_with_target_sized_chunks() -> None:
 
 
 def test_chunksize_follows_target_chunk_seconds() -> None:
-    small = decide(CPU_2MS, 100_000, dataclasses.replace(TWO_CORES, target_chunk_seconds=0.01))
-    large = decide(CPU_2MS, 100_000, dataclasses.replace(TWO_CORES, target_chunk_seconds=0.2))
+    small = decide(CPU_2MS, 100_000, replace(TWO_CORES, target_chunk_seconds=0.01))
+    large = decide(CPU_2MS, 100_000, replace(TWO_CORES, target_chunk_seconds=0.2))
     assert small.executor == large.executor == "processes"
     assert small.chunksize == 4
     assert large.chunksize == 99
@@ -132,7 +132,7 @@ def test_chunksize_follows_target_chunk_seconds() -> None:
 
 def test_few_items_get_at_least_min_chunks_per_worker() -> None:
     # 2 ms items would fill a 1 s chunk with 499; with 200 items that would leave a worker idle.
-    d = decide(CPU_2MS, 200, dataclasses.replace(TWO_CORES, target_chunk_seconds=1.0))
+    d = decide(CPU_2MS, 200, replace(TWO_CORES, target_chunk_seconds=1.0))
     assert d.executor == "processes"
     assert d.chunksize == math.ceil(200 / (MIN_CHUNKS_PER_WORKER * d.n_jobs))
 
@@ -148,31 +148,31 @@ def test_sleep_like_items_use_many_threads() -> None:
 
 
 def test_threads_respect_max_threads() -> None:
-    d = decide(SLEEP_5MS, 396, dataclasses.replace(TWO_CORES, max_threads=8))
+    d = decide(SLEEP_5MS, 396, replace(TWO_CORES, max_threads=8))
     assert d.executor == "threads"
     assert d.n_jobs <= 8
 
 
 def test_one_thread_allowed_means_no_threads() -> None:
-    d = decide(SLEEP_5MS, 396, dataclasses.replace(TWO_CORES, usable_cores=1, max_threads=1))
+    d = decide(SLEEP_5MS, 396, replace(TWO_CORES, usable_cores=1, max_threads=1))
     assert d.executor == "serial"
 
 
 def test_unpicklable_never_uses_processes_and_says_why() -> None:
     p = profile(0.002, picklable=False, not_picklable_reason="TypeError: cannot pickle lock")
-    d = decide(p, 100_000, dataclasses.replace(TWO_CORES, usable_cores=16))
+    d = decide(p, 100_000, replace(TWO_CORES, usable_cores=16))
     assert d.executor != "processes"
     assert any("cannot be pickled" in r and "cannot pickle lock" in r for r in d.reasons)
 
 
 def test_unpicklable_io_bound_may_still_use_threads() -> None:
-    p = dataclasses.replace(SLEEP_5MS, picklable=False, not_picklable_reason="lock")
+    p = replace(SLEEP_5MS, picklable=False, not_picklable_reason="lock")
     assert decide(p, 396, TWO_CORES).executor == "threads"
 
 
 def test_warm_pool_lowers_predicted_time() -> None:
     cold = decide(CPU_2MS, 990, TWO_CORES)
-    warm = decide(CPU_2MS, 990, dataclasses.replace(TWO_CORES, warm_workers=2))
+    warm = decide(CPU_2MS, 990, replace(TWO_CORES, warm_workers=2))
     assert cold.executor == warm.executor == "processes"
     assert warm.predicted_seconds < cold.predicted_seconds
     assert warm.estimated_speedup > cold.estimated_speedup
@@ -180,10 +180,10 @@ def test_warm_pool_lowers_predicted_time() -> None:
 
 def test_warm_pool_can_tip_a_marginal_workload_to_processes() -> None:
     # Expensive cold start (spawn-like): not worth it cold, worth it with workers already up.
-    costs = dataclasses.replace(TWO_CORES, process_start_seconds=0.2, per_worker_start_seconds=0.1)
+    costs = replace(TWO_CORES, process_start_seconds=0.2, per_worker_start_seconds=0.1)
     p = profile(0.002)
     assert decide(p, 300, costs).executor == "serial"
-    assert decide(p, 300, dataclasses.replace(costs, warm_workers=2)).executor == "processes"
+    assert decide(p, 300, replace(costs, warm_workers=2)).executor == "processes"
 
 
 # -- memory -------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def test_worker_footprint_caps_n_jobs_with_a_reason() -> None:
     assert d.executor == "processes"
     assert d.n_jobs == 2
     assert any("memory allows 2 worker(s)" in r for r in d.reasons)
-    roomy = decide(CPU_2MS, 990, dataclasses.replace(costs, available_memory_bytes=64 * GiB))
+    roomy = decide(CPU_2MS, 990, replace(costs, available_memory_bytes=64 * GiB))
     assert roomy.n_jobs > 2
     assert not any("memory allows" in r for r in roomy.reasons)
 
@@ -267,7 +267,7 @@ def test_estimate_safe_batch_size_rejects_negative_size() -> None:
 
 # -- pinned choices -----------------------------------------------------------------------------
 def test_pinned_n_jobs_is_honoured() -> None:
-    d = decide(CPU_2MS, 990, dataclasses.replace(TWO_CORES, usable_cores=8), n_jobs=3)
+    d = decide(CPU_2MS, 990, replace(TWO_CORES, usable_cores=8), n_jobs=3)
     assert d.n_jobs == 3
     assert any("as requested" in r for r in d.reasons)
 
@@ -328,11 +328,11 @@ def test_decision_depends_only_on_the_numbers() -> None:
 
     assert decide(CPU_2MS, 990, TWO_CORES) == first
     # Equal numbers built separately give an equal decision.
-    assert decide(dataclasses.replace(CPU_2MS), 990, dataclasses.replace(TWO_CORES)) == first
+    assert decide(replace(CPU_2MS), 990, replace(TWO_CORES)) == first
 
 
 def test_model_module_is_pure() -> None:
-    """The model imports only ``math`` and ``dataclasses``: no clock, no OS, no I/O."""
+    """The model imports only ``math`` and the record helper: no clock, no OS, no I/O."""
     import ast
 
     tree = ast.parse(inspect.getsource(_model))
@@ -342,13 +342,13 @@ def test_model_module_is_pure() -> None:
             imported |= {a.name.split(".")[0] for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module:
             imported.add(node.module.split(".")[0])
-    assert imported <= {"__future__", "math", "dataclasses"}, imported
+    assert imported <= {"__future__", "math", "_record"}, imported
 
 
 def test_decision_is_frozen() -> None:
     d = decide(CPU_2MS, 990, TWO_CORES)
     assert isinstance(d, Decision)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenInstanceError):
         d.n_jobs = 4  # type: ignore[misc]
 
 
@@ -445,7 +445,7 @@ def test_pinned_invariants(p: WorkloadProfile, n: int, costs: Costs, pin: st.Dat
 def test_more_work_per_item_never_predicts_less_time(
     p: WorkloadProfile, n: int, costs: Costs, factor: float
 ) -> None:
-    heavier = dataclasses.replace(
+    heavier = replace(
         p,
         item_wall_seconds=p.item_wall_seconds * factor,
         item_cpu_seconds=p.item_cpu_seconds * factor,
@@ -467,7 +467,7 @@ def test_more_work_per_item_never_predicts_less_time(
 def test_warmer_pool_never_predicts_more_time(
     p: WorkloadProfile, n: int, costs: Costs, n_jobs: int, chunksize: int, more: int
 ) -> None:
-    warmer = dataclasses.replace(costs, warm_workers=costs.warm_workers + more)
+    warmer = replace(costs, warm_workers=costs.warm_workers + more)
     t_cold = predict_process_seconds(p, n, n_jobs, chunksize, costs)
     t_warm = predict_process_seconds(p, n, n_jobs, chunksize, warmer)
     assert 0 <= t_warm <= t_cold

@@ -6,7 +6,6 @@ Decisions only, never timings: the workloads are chosen far from any threshold s
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import multiprocessing as mp
 import threading
@@ -20,6 +19,7 @@ import pytest
 import amortune
 from amortune import Config, OptimizationResult
 from amortune._model import WorkloadProfile
+from amortune._record import FrozenInstanceError
 from tests import tasks
 
 
@@ -227,7 +227,7 @@ def test_to_dict_is_json_and_round_trips(plans: list[OptimizationResult]) -> Non
 
 
 def test_plan_is_frozen(plans: list[OptimizationResult]) -> None:
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(FrozenInstanceError):
         plans[0].n_jobs = 8  # type: ignore[misc]
 
 

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from amortune import _system
 from amortune._config import Config
+from amortune._record import fields
 from amortune._system import (
     SystemSnapshot,
     available_memory,
@@ -420,7 +421,7 @@ def test_snapshot_is_frozen_and_plain() -> None:
     with pytest.raises(AttributeError):
         snap.usable_cores = 99  # type: ignore[misc]
     data = snap.to_dict()
-    assert list(data) == [f.name for f in SystemSnapshot.__dataclass_fields__.values()]
+    assert list(data) == [f.name for f in fields(SystemSnapshot)]
     assert SystemSnapshot(**data) == snap  # type: ignore[arg-type]
     assert snap.describe().startswith(
         f"{snap.usable_cores} usable cores ({snap.logical_cores} logical"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from .._model import fmt_bytes, fmt_seconds
+from .._record import record
 from .._stats import ChunkEvent
 from ._timeline import _items, _Lane, _ran
 
@@ -240,7 +240,7 @@ def _per_pixel(points: Sequence[tuple[float, float]], seconds_per_px: float
     return out
 
 
-@dataclass
+@record()
 class _Bar:
     begin: float
     end: float

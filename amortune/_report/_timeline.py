@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
+from .._record import record
 from .._stats import ChunkEvent, RunStats
 
 #: Lanes whose chunk events come from these backends ran in the caller's own process.
 CALLER_BACKENDS = frozenset({"serial", "caller"})
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class SlotTime:
     """How one slot (a worker, a thread, or the caller) spent the run, in seconds.
 
@@ -36,7 +36,7 @@ class SlotTime:
     errors: int = 0
 
 
-@dataclass(frozen=True)
+@record(frozen=True)
 class _Lane:
     key: tuple[int, int]  # (0 for the caller, 1 for workers; slot)
     label: str

@@ -13,11 +13,11 @@ import collections
 import pickle
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from .._errors import NotPicklableError, rebuild
 from .._protocol import Done
+from .._record import field, record
 from .._worker import poller
 from ._base import ChunkFuture, ChunkOutcome, ChunkTask, Slot, settle
 
@@ -36,7 +36,7 @@ class Pending:
         self.running = False
 
 
-@dataclass
+@record()
 class Flags:
     """The manager's state flags in one place (read by callers under ``lock``)."""
 

@@ -5,15 +5,15 @@ They run in workers; torch is imported inside them.
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .._record import record
 from ._transfer import _compact, _Rows
 
 
-@dataclasses.dataclass
+@record()
 class Padded:
     """Ragged sequences padded to one tensor: ``values`` (batch, longest, ...) zero-padded,
     ``lengths`` (batch,) and ``mask`` (batch, longest), true on real positions."""

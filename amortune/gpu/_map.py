@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
+from .._record import replace
 from ._constants import (
     DEFAULT_MAX_BATCH_SIZE,
     MAX_CHUNK_BYTES,
@@ -176,7 +176,7 @@ def _run_all(load_model: Any, plan: _Plan, items: list[Any], done: int, out: lis
                 task = _Task(k, tuple(positions), [items[i] for i in positions],
                              packed[a:b] if packed is not None else None, dict(caps))
                 tasks.append(task)
-                yield dataclasses.replace(task, items=_pack(task.items))
+                yield replace(task, items=_pack(task.items))
 
         # A chunk of the scheduler is a run of tasks (each a device batch or so), sized to run
         # about TASK_CHUNK_SECONDS: one round trip then serves many batches.
@@ -204,7 +204,7 @@ def _run_all(load_model: Any, plan: _Plan, items: list[Any], done: int, out: lis
                     if ckpt is not None:
                         ckpt.record_batch(seq0 + k, a, b, _digest(positions, items),
                                           results=_stored_rows(result.outputs))
-                    tasks[k] = dataclasses.replace(tasks[k], items=[])  # done: let them go
+                    tasks[k] = replace(tasks[k], items=[])  # done: let them go
                     bar.update(b - a)
                     k += 1
             for positions, packed_outputs in finished:
@@ -308,7 +308,7 @@ def find_batch_size(
                  max_tokens="auto" if length is not None and max_tokens is None else max_tokens,
                  timeout=timeout)
     longest = max(plan.lengths) if plan.lengths else 1
-    config = dataclasses.replace(
+    config = replace(
         plan.config, item_cap=limit,
         token_limit=limit * longest if plan.config.search == "tokens" else None,
         search=plan.config.search or "items")

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from .._record import replace
 from ._constants import DEFAULT_MAX_BATCH_SIZE
 from ._plan import _check_retries, _check_size, _plan
 from ._pool import _RUN_REF, _Workers
@@ -36,7 +36,7 @@ class ModelWorkers:
         limit = _check_size("max_batch_size", max_batch_size, auto=False) or DEFAULT_MAX_BATCH_SIZE
         config = plan.config
         if config.search is not None:
-            config = dataclasses.replace(config, item_cap=limit)
+            config = replace(config, item_cap=limit)
         self.devices = plan.devices
         self.timeout, self.retries = timeout, retries
         self._workers = _Workers(plan.devices, load_model, config)
@@ -56,7 +56,7 @@ class ModelWorkers:
         """Run ``items`` as one batch on an idle worker; one output per item, in order."""
         batch = list(items)
         task = _Task(next(self._seq), tuple(range(len(batch))), batch, None, dict(self._caps))
-        sent = dataclasses.replace(task, items=_pack(batch))
+        sent = replace(task, items=_pack(batch))
         for attempt in range(self.retries + 1):
             fut = self._workers.submit(sent, _RUN_REF, self.timeout)
             try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
@@ -13,6 +12,7 @@ from concurrent.futures import Future
 from typing import Any
 
 from .._errors import describe_indices
+from .._record import replace
 from ._constants import PROBE_MAX_SECONDS, START_TIMEOUT_SECONDS
 from ._exceptions import BatchTimeoutError, ModelBatchError, ModelWorkerCrashedError
 from ._plan import _slot_env
@@ -35,7 +35,7 @@ class _Workers:
         self.devices = list(devices)
         self.trace_dir = tempfile.mkdtemp(prefix="amortune-gpu-")
         self._cleanup = weakref.finalize(self, shutil.rmtree, self.trace_dir, True)
-        config = dataclasses.replace(config, trace_dir=self.trace_dir)
+        config = replace(config, trace_dir=self.trace_dir)
         self.config = config
         slots = [Slot(i, devices=() if d == "cpu" else (d,), env=_slot_env(d, i))
                  for i, d in enumerate(self.devices)]

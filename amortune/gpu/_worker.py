@@ -7,7 +7,6 @@ are module-level so they pickle by reference.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import gc
 import math
 import os
@@ -17,6 +16,7 @@ from typing import Any, NamedTuple
 
 from .. import _device
 from .._errors import add_note, describe_indices
+from .._record import record, replace
 from ._collate import _split_n, _to_device, default_collate, default_predict
 from ._constants import (
     CPU_MAX_BATCH_SIZE,
@@ -32,7 +32,7 @@ from ._search import BatchSizeReport, pack_batches, search_batch_size
 from ._transfer import _as_list, _pack, _Rows, _unpack
 
 
-@dataclasses.dataclass(frozen=True)
+@record(frozen=True)
 class _WorkerConfig:
     predict: Callable[[Any, Any], Any] | None
     collate: Callable[[Sequence[Any]], Any] | None
@@ -56,7 +56,7 @@ class _WorkerConfig:
     memory_budget_bytes: int | None = None
 
 
-@dataclasses.dataclass
+@record()
 class _Task:
     """Items to run, their input indices, lengths, and the sizes known per device."""
 
@@ -202,7 +202,7 @@ def _run_task(task: _Task) -> _TaskResult:
     """In a worker: run a task in batches of this device's size (probing it first if unknown)."""
     st = _state()
     _trace(st, task.seq)
-    task = dataclasses.replace(task, items=_unpack(task.items))
+    task = replace(task, items=_unpack(task.items))
     report = None
     if not st.probed:
         hint = task.caps.get(st.device.id)

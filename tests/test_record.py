@@ -1,0 +1,125 @@
+"""Records (``amortune._record``): built like dataclasses, without generating code at import."""
+
+from __future__ import annotations
+
+import copy
+import pickle
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from amortune._record import FrozenInstanceError, asdict, field, fields, record, replace
+
+
+@record(frozen=True)
+class Point:
+    """A frozen record with a default."""
+
+    x: int
+    y: int = 0
+    label: str = field(default="", compare=False)
+    cache: Any = field(default=None, repr=False, compare=False)
+
+
+@record()
+class Bag:
+    items: list[int] = field(default_factory=list)
+    name: str = "bag"
+
+
+@record(frozen=True)
+class Checked:
+    n: int
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise ValueError(f"n must be >= 0, got {self.n}")
+
+
+@record(frozen=True)
+class Child(Point):
+    z: int = 0
+
+
+def test_positional_keyword_and_defaults() -> None:
+    assert Point(1).y == 0
+    assert Point(1, 2) == Point(x=1, y=2) == Point(1, y=2)
+    assert Point.y == 0  # a default stays readable on the class, as on a dataclass
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda: Point(), "missing required argument: 'x'"),
+    (lambda: Point(1, 2, "a", None, 5), "takes 4 positional arguments but 5 were given"),
+    (lambda: Point(1, x=2), "multiple values for argument 'x'"),
+    (lambda: Point(1, w=2), "unexpected keyword argument 'w'"),
+])
+def test_bad_arguments_name_the_problem(call: Any, message: str) -> None:
+    with pytest.raises(TypeError, match=message):
+        call()
+
+
+def test_a_factory_runs_once_per_instance() -> None:
+    a, b = Bag(), Bag()
+    a.items.append(1)
+    assert b.items == [] and a.items == [1]
+
+
+def test_frozen_refuses_assignment_and_deletion() -> None:
+    p = Point(1)
+    with pytest.raises(FrozenInstanceError, match="'x'"):
+        p.x = 2  # type: ignore[misc]
+    with pytest.raises(FrozenInstanceError):
+        del p.x  # type: ignore[misc]
+    assert isinstance(FrozenInstanceError("x"), AttributeError)
+    object.__setattr__(p, "cache", 3)  # the documented escape hatch still works
+    assert p.cache == 3
+
+
+def test_equality_hash_and_repr_follow_the_field_options() -> None:
+    assert Point(1, label="a") == Point(1, label="b")
+    assert hash(Point(1, label="a")) == hash(Point(1, label="b"))
+    assert Point(1) != Point(2)
+    assert Point(1) != (1, 0)  # another type is never equal
+    assert repr(Point(1, 2, "p", cache=object())) == "Point(x=1, y=2, label='p')"
+    with pytest.raises(TypeError):
+        hash(Bag())  # mutable and comparable: unhashable, as a dataclass
+    assert Bag([1]) == Bag([1]) and Bag([1]) != Bag([2])
+
+
+def test_post_init_validates_and_replace_runs_it_again() -> None:
+    with pytest.raises(ValueError, match="n must be >= 0"):
+        Checked(-1)
+    assert replace(Checked(1), n=2) == Checked(2)
+    with pytest.raises(ValueError):
+        replace(Checked(1), n=-5)
+
+
+def test_inherited_fields_come_first() -> None:
+    assert [f.name for f in fields(Child)] == ["x", "y", "label", "cache", "z"]
+    assert Child(1, 2, z=3).z == 3
+
+
+def test_asdict_converts_nested_records() -> None:
+    assert asdict(Bag([1], "b")) == {"items": [1], "name": "b"}
+    nested = Bag([Point(1)])  # type: ignore[list-item]
+    assert asdict(nested)["items"] == [{"x": 1, "y": 0, "label": "", "cache": None}]
+    with pytest.raises(TypeError):
+        asdict(3)
+    with pytest.raises(TypeError):
+        fields(3)
+
+
+def test_a_field_takes_a_default_or_a_factory_not_both() -> None:
+    with pytest.raises(ValueError):
+        field(default=1, default_factory=list)
+
+
+@given(x=st.integers(), y=st.integers(), label=st.text(max_size=5))
+def test_pickle_and_copy_round_trip(x: int, y: int, label: str) -> None:
+    p = Point(x, y, label)
+    for q in (pickle.loads(pickle.dumps(p)), copy.deepcopy(p), copy.copy(p)):
+        assert q == p and q.label == label
+        with pytest.raises(FrozenInstanceError):
+            q.x = 0  # type: ignore[misc]
