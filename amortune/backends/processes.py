@@ -74,8 +74,6 @@ class ProcessBackend(Backend):
             raise AmortuneError("a worker process cannot start worker processes of its own "
                                 "(it is daemonic); run nested maps serially or on threads")
         plan = choose_start(start_method)
-        if plan.later == "forkserver" or plan.first == "forkserver":
-            _preload_forkserver()
         self.start_plan = plan
         self.start_method = plan.first
         self.owner_pid = os.getpid()
@@ -207,18 +205,3 @@ class ProcessBackend(Backend):
                     pass
         self._mgr.wake()
         self._mgr.thread.join(60.0)
-
-
-def _preload_forkserver() -> None:
-    """Have the fork server import the worker code once, so each worker starts without it.
-
-    Preloaded, a worker forked from a running server is ready in ~4-7 ms instead of paying
-    20-60 ms importing amortune. Modules already listed are kept; a running server is unaffected.
-    """
-    from multiprocessing import forkserver
-
-    server = getattr(forkserver, "_forkserver", None)
-    current = list(getattr(server, "_preload_modules", None) or ["__main__"])
-    wanted = [m for m in ("amortune._serve",) if m not in current]
-    if wanted:
-        mp.set_forkserver_preload(current + wanted)
