@@ -145,6 +145,36 @@ def _fmean(values: Iterable[float]) -> float:
     return math.fsum(items) / len(items)
 
 
+def _trend(walls: Sequence[float]) -> tuple[float, float]:
+    """How wall time grows with position: a slope (seconds per item) and a rank correlation.
+
+    Both resist the odd item the OS preempted: the slope is the median of the slopes between
+    each item of the first half and its partner half a sample later, the correlation is
+    Spearman's (ranks, not values).
+    """
+    n = len(walls)
+    if n < 3:
+        return 0.0, 0.0
+    half = n // 2
+    slope = _median([(walls[i + half] - walls[i]) / half for i in range(n - half)])
+    order = sorted(range(n), key=walls.__getitem__)
+    ranks = [0.0] * n
+    start = 0
+    while start < n:  # equal times share their average rank
+        end = start
+        while end + 1 < n and walls[order[end + 1]] == walls[order[start]]:
+            end += 1
+        for k in range(start, end + 1):
+            ranks[order[k]] = (start + end) / 2
+        start = end + 1
+    mean = (n - 1) / 2
+    spread = math.sqrt(sum((i - mean) ** 2 for i in range(n))
+                       * sum((r - mean) ** 2 for r in ranks))
+    if spread == 0:
+        return slope, 0.0
+    return slope, sum((i - mean) * (ranks[i] - mean) for i in range(n)) / spread
+
+
 def sample(
     func: Callable[[Any], Any],
     data: Iterable[Any],
@@ -252,6 +282,7 @@ def sample(
     if one_off:
         walls = [rest_median, *walls[1:]]
         cpus = [min(cpus[0], rest_median), *cpus[1:]]
+    slope, trend_r = _trend(walls)
     cv = 0.0
     if n > 1 and mean_wall > 0:
         mean_each = _fmean(walls)
@@ -299,6 +330,8 @@ def sample(
         picklable=picklable,
         not_picklable_reason=why,
         first_call_seconds=one_off,
+        item_wall_slope=slope,
+        item_wall_trend_r=trend_r,
     )
     return Sampled(profile, results, inputs, read_ahead, it, n_remaining, known, func_bytes,
                    function_probed=probe_function or not picklable or not worth_pickling)

@@ -24,6 +24,7 @@ from amortune._model import (
     estimate_safe_batch_size_for,
     predict_process_seconds,
     predict_thread_seconds,
+    project_rising_costs,
 )
 from amortune._record import FrozenInstanceError, replace
 
@@ -557,3 +558,36 @@ def test_a_processs_first_parallel_plan_counts_the_engines_imports() -> None:
     first, second, executor, _ = json.loads(out.stdout)
     assert executor != "serial"
     assert first and not second  # paid once per process, by its first parallel plan
+
+
+# -- costs that rise along the input ------------------------------------------------------------
+def rising(r: float = 0.97, slope: float = 5e-6) -> WorkloadProfile:
+    """The cheap head of an input whose costs grow: 60 items averaging 0.1 ms, rising."""
+    return profile(1e-4, n_sampled=60, item_wall_slope=slope, item_wall_trend_r=r)
+
+
+def test_a_rising_head_is_projected_onto_the_rest_and_goes_parallel() -> None:
+    d = decide(rising(), 300, TWO_CORES)
+    flat = decide(profile(1e-4, n_sampled=60), 300, TWO_CORES)
+    assert flat.executor == "serial" and d.executor == "processes"
+    assert d.predicted_serial_seconds > 5 * flat.predicted_serial_seconds
+    assert any("grow along the input" in r for r in d.reasons)
+
+
+def test_no_projection_without_a_clear_trend_or_a_known_length() -> None:
+    for p in (rising(r=0.7), rising(slope=-5e-6), replace(rising(), n_sampled=6)):
+        assert project_rising_costs(p, 300) == (p, 1.0)
+    flat = decide(profile(1e-4, n_sampled=60), 300, TWO_CORES)
+    unknown = decide(rising(), 300, TWO_CORES, n_items_known=False)  # 300 is only a lower bound
+    assert unknown.executor == flat.executor == "serial"
+
+
+@given(slope=st.floats(1e-9, 1.0), n=st.integers(10, 500), m=st.integers(1, 100_000),
+       wall=st.floats(1e-7, 1.0))
+def test_a_projection_never_exceeds_a_line_through_zero_cost(slope: float, n: int, m: int,
+                                                              wall: float) -> None:
+    p = profile(wall, n_sampled=n, item_wall_slope=slope, item_wall_trend_r=0.99)
+    projected, factor = project_rising_costs(p, m)
+    assert 1.0 <= factor <= 2 + m / n + 1e-9
+    assert projected.item_wall_seconds == pytest.approx(wall * factor)
+    assert projected.max_item_wall_seconds >= projected.item_wall_seconds or factor == 1.0

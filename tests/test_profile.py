@@ -366,3 +366,19 @@ def test_one_preempted_item_does_not_make_cpu_work_look_io_bound() -> None:
     assert s.profile.item_cpu_seconds >= 0.5 * s.profile.item_wall_seconds, s.profile
     d = decide(s.profile, s.n_remaining, Costs(usable_cores=2, available_memory_bytes=8 << 30))
     assert d.executor == "serial", d.reasons
+
+
+def test_costs_rising_along_the_input_are_measured_as_a_trend() -> None:
+    clock = VirtualClock()
+    s = run(clock, clock.task(lambda x: 1e-4 + 2e-6 * x), list(range(500)),
+            Config(sample_items=40, sample_seconds=1e9))
+    assert s.profile.item_wall_slope == pytest.approx(2e-6)
+    assert s.profile.item_wall_trend_r == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("cost", [lambda x: 1e-3, lambda x: 1e-3 * (1 + 0.5 * (x * 7919 % 13 == 0)),
+                                  lambda x: 1e-3 * (1 + (x % 7) / 7)])
+def test_flat_spiky_or_periodic_costs_show_no_trend(cost: Callable[[int], float]) -> None:
+    clock = VirtualClock()
+    s = run(clock, clock.task(cost), list(range(500)), Config(sample_items=40, sample_seconds=1e9))
+    assert s.profile.item_wall_trend_r < 0.8
