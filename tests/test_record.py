@@ -50,8 +50,8 @@ def test_positional_keyword_and_defaults() -> None:
 
 
 @pytest.mark.parametrize(("call", "message"), [
-    (lambda: Point(), "missing required argument: 'x'"),
-    (lambda: Point(1, 2, "a", None, 5), "takes 4 positional arguments but 5 were given"),
+    (lambda: Point(), "missing 1 required positional argument: 'x'"),
+    (lambda: Point(1, 2, "a", None, 5), "takes from 2 to 5 positional arguments but 6 were given"),
     (lambda: Point(1, x=2), "multiple values for argument 'x'"),
     (lambda: Point(1, w=2), "unexpected keyword argument 'w'"),
 ])
@@ -114,6 +114,27 @@ def test_asdict_converts_nested_records() -> None:
 def test_a_field_takes_a_default_or_a_factory_not_both() -> None:
     with pytest.raises(ValueError):
         field(default=1, default_factory=list)
+
+
+def test_a_required_field_after_a_default_is_refused_when_the_class_is_made() -> None:
+    with pytest.raises(TypeError, match="'b' without a default follows 'a'"):
+        @record()
+        class Bad:
+            a: int = 0
+            b: int
+
+
+def test_construction_compiles_the_class_own_init_once() -> None:
+    @record(frozen=True)
+    class Fresh:
+        a: int
+        b: list[int] = field(default_factory=list)
+
+    generic = Fresh.__init__
+    first, second = Fresh(1), Fresh(2, [3])
+    assert Fresh.__init__ is not generic  # replaced by the compiled one
+    assert (first.a, first.b, second.b) == (1, [], [3])
+    assert first.b is not Fresh(1).b
 
 
 @given(x=st.integers(), y=st.integers(), label=st.text(max_size=5))
