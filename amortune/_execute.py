@@ -55,6 +55,36 @@ class OneOfChunk:
         return out[0]
 
 
+#: When the first look predicts this much serial work left in items that compute, processes are
+#: all but certain: the warm pool is forked before the planner imports and samples, so the
+#: workers' start-up (10-30 ms from fork to ready on the reference machine) overlaps the
+#: sample instead of following it.
+EARLY_START_SECONDS = 0.5
+
+
+def _start_workers_early() -> None:
+    """Fork the warm pool now, one worker per usable core, while this process is single-threaded.
+
+    The plan made next finds it warm; a plan that does not use it leaves it idle (it is the
+    same pool a later call would reuse, stopped at exit).
+    """
+    import multiprocessing
+
+    if multiprocessing.current_process().daemon:
+        return  # a worker process cannot start workers of its own
+    from ._config import Config
+    from ._system import probe_system
+
+    config = Config()
+    cores = probe_system(config).usable_cores
+    if cores < 2:
+        return
+    from .backends._warm import get_warm_pool
+
+    get_warm_pool(cores, None, thread_cap=1,
+                  memory_growth_bytes=config.worker_memory_growth_bytes)
+
+
 def _quick_allowed(config: Config | None, options: dict[str, Any]) -> bool:
     import sys
 
@@ -167,6 +197,8 @@ def execute(
             budget = WAITING_SAMPLE_SECONDS if waiting else Config.sample_seconds
             options["sample_seconds"] = max(WAITING_SAMPLE_SECONDS, budget - quick.seconds)
             options["waiting"] = waiting  # threads are likely: pickle func only if not
+            if not waiting and quick.item_seconds * (quick.n_rest or 0) >= EARLY_START_SECONDS:
+                _start_workers_early()
     options["initargs"] = initargs
     parts = _run(func, data, options, config, len(results), ordered=True)
     for part in parts:

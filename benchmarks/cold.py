@@ -22,7 +22,8 @@ hits every contestant alike.
 
 amortune's predicted speedup comes from ``optimize`` in a separate fresh process (the same state
 the timed call starts from). Also measured: ``python -X importtime -c "import amortune"`` (and
-with ``amortune.execute`` touched, which loads the engine), and the first call of
+with ``amortune.execute`` touched; and everything a first parallel call imports, the standard
+library's modules included), and the first call of
 ``amortune.execute(lambda x: x, range(1000))`` in a new process, from before ``import amortune``
 to the result, against a plain loop. Targets are reported, not enforced: the exit status is 0
 whatever they say.
@@ -430,13 +431,21 @@ def first_call(runs: int, timeout: float) -> dict[str, Any]:
 
 
 IMPORTS = {"import": "import amortune",
-           "engine": "import amortune; amortune.execute"}  # the attribute loads the engine
+           "engine": "import amortune; amortune.execute",
+           # What a first parallel call imports, once the script's own imports are done.
+           "parallel": "import amortune, cold_workloads; "
+                       "amortune.execute(cold_workloads.spin, [20000] * 300)"}
+#: For these probes the total is every import after this module's (the call's own).
+IMPORTS_AFTER = {"parallel": "cold_workloads"}
 
 
-def import_time(code: str, runs: int, timeout: float) -> dict[str, Any]:
+def import_time(code: str, runs: int, timeout: float, after: str | None = None
+                ) -> dict[str, Any]:
     """``python -X importtime -c CODE``: medians of the ``amortune`` line's self and cumulative
     µs, of the cumulative µs of every top-level import of ``amortune`` or ``amortune.*`` (the
-    package loads its engine lazily), and the slowest modules below them (median self µs)."""
+    package loads its engine lazily), and the slowest modules below them (median self µs).
+    With ``after``, the total is every top-level import after module ``after``'s, whoever made
+    it: what the call itself imported, the standard library included."""
     selfs, cums, totals, under = [], [], [], {}
     error = None
     for _ in range(runs):
@@ -455,8 +464,15 @@ def import_time(code: str, runs: int, timeout: float) -> dict[str, Any]:
             name = parts[2].rstrip()
             depth = (len(name) - len(name.lstrip()) - 1) // 2  # "| " then two spaces a level
             rows.append((s, c, depth, name.strip()))
-        tops = [i for i, r in enumerate(rows)
-                if r[2] == 0 and (r[3] == "amortune" or r[3].startswith("amortune."))]
+        if after is None:
+            tops = [i for i, r in enumerate(rows)
+                    if r[2] == 0 and (r[3] == "amortune" or r[3].startswith("amortune."))]
+        else:
+            start = next((i for i, r in enumerate(rows) if r[2] == 0 and r[3] == after), None)
+            tops = [] if start is None else [i for i in range(start + 1, len(rows))
+                                             if rows[i][2] == 0]
+            if tops and not any(r[3] == "amortune" for r in rows):
+                tops = []
         if proc.returncode != 0 or not tops:
             error = proc.stderr[-1000:]
             continue
@@ -471,6 +487,10 @@ def import_time(code: str, runs: int, timeout: float) -> dict[str, Any]:
             if rows[i][3] == "amortune":
                 selfs.append(rows[i][0])
                 cums.append(rows[i][1])
+        if after is not None:
+            top = next(r for r in rows if r[3] == "amortune")
+            selfs.append(top[0])
+            cums.append(top[1])
         totals.append(total)
     slowest = sorted(((median(v), k) for k, v in under.items()), reverse=True)[:5]
     return {"code": code, "self_us": median(selfs), "cumulative_us": median(cums),
@@ -581,8 +601,10 @@ def report(rows: list[dict[str, Any]], names: list[str], cores: int,
             if not it["runs"]:
                 md += [f"failed: {it['error']}"]
                 continue
+            what = ("every import the call made (the standard library's included)"
+                    if "execute(" in it["code"] else "every top-level `amortune*` import")
             md += [f"`amortune`: self {it['self_us'] / 1e3:.2f} ms, cumulative "
-                   f"{it['cumulative_us'] / 1e3:.2f} ms; every top-level `amortune*` import "
+                   f"{it['cumulative_us'] / 1e3:.2f} ms; {what} "
                    f"together: {it['total_us'] / 1e3:.2f} ms. Slowest modules below them "
                    "(self): " + (", ".join(f"`{k}` {v / 1e3:.2f} ms" for k, v in it["slowest"])
                                  or "none") + "."]
@@ -668,7 +690,8 @@ def main(argv: list[str] | None = None) -> None:
     extra: dict[str, Any] = {}
     runs = 3 if args.quick else 7
     if "importtime" in wanted:
-        extra["importtime"] = [import_time(code, runs, timeout) for code in IMPORTS.values()]
+        extra["importtime"] = [import_time(code, runs, timeout, IMPORTS_AFTER.get(name))
+                               for name, code in IMPORTS.items()]
     if "first-call" in wanted:
         extra["first_call"] = first_call(runs, timeout)
     load_after = os.getloadavg()

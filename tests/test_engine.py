@@ -585,3 +585,42 @@ def test_the_thread_backend_grows_to_its_size_while_every_thread_is_busy() -> No
     assert sorted(o.slot for o in outcomes) == list(range(n))  # one slot id each
     assert len(starters) == n  # never more threads than its size
     assert not [t for t in threading.enumerate() if t.name.startswith("amortune_")]
+
+
+EARLY_SCRIPT = textwrap.dedent("""
+    import json, sys
+    import amortune
+    from amortune import _optimize
+    from tests import tasks
+
+    seen = []
+    plan_run = _optimize.plan_run
+
+    def watch(*args, **kwargs):
+        warm = sys.modules.get("amortune.backends._warm")
+        seen.append(warm is not None and warm.peek_warm_pool(None) is not None)
+        return plan_run(*args, **kwargs)
+
+    _optimize.plan_run = watch
+    if __name__ == "__main__":
+        func = {"spin": tasks.spin, "sleep": tasks.sleep_then_return}[sys.argv[1]]
+        n, seconds = int(sys.argv[2]), float(sys.argv[3])
+        assert amortune.execute(func, [seconds] * n) == [seconds] * n
+        print(json.dumps(seen))
+""")
+
+
+@pytest.mark.parametrize(("func", "n", "seconds", "early"), [
+    ("spin", 400, 0.002, True),     # ~0.8 s of computing left: processes are all but certain
+    ("spin", 150, 0.002, False),    # ~0.3 s: the planner decides before any worker starts
+    ("sleep", 200, 0.005, False),   # items that wait: threads, no process
+])
+def test_workers_start_before_the_planner_only_when_processes_are_all_but_certain(
+        tmp_path: Path, func: str, n: int, seconds: float, early: bool) -> None:
+    script = tmp_path / "early.py"
+    script.write_text(EARLY_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), func, str(n), str(seconds)],
+                         capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [early]

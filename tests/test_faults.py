@@ -22,7 +22,7 @@ import sys
 import textwrap
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import CancelledError, Future
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
@@ -546,10 +546,19 @@ def test_cancelled_pending_tasks_do_not_stall_later_ones() -> None:
     try:
         busy = backend.submit(ChunkTask(FunctionRef(tasks.sleep_then_return), [0.5], 0))
         queued = [backend.submit(ChunkTask(FunctionRef(tasks.square), [i], i)) for i in range(5)]
-        assert all(f.cancel() for f in queued)
+        cancelled = [f.cancel() for f in queued]
+        # The manager may already have sent the first one behind the busy chunk (one chunk
+        # waits in each worker's pipe, so it starts without a round trip): the worker is told,
+        # and skips it or has already run it.
+        assert all(cancelled[1:]), cancelled
         last = backend.submit(ChunkTask(FunctionRef(tasks.square), [7], 7))
         assert last.result(timeout=30).results == [49]
         assert busy.result(timeout=30).results == [0.5]
+        if not cancelled[0]:
+            try:
+                assert queued[0].result(timeout=30).results == [0]
+            except CancelledError:
+                pass
     finally:
         backend.shutdown(wait=True, kill=True)
 
