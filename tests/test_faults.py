@@ -435,6 +435,23 @@ def test_killed_caller_leaves_no_orphans(start_method: str, tmp_path: Path) -> N
         reap(proc, descendants)
 
 
+def test_exit_stops_a_warm_pool_nothing_else_references() -> None:
+    # The registry held the only reference: clearing it first freed the pool unstopped, and its
+    # manager went on replacing the workers multiprocessing's exit handler killed (with spawn,
+    # each replacement cut short by the exit printed "EOFError: Ran out of input").
+    code = ("import json\n"
+            "from amortune.backends import _warm\n"
+            "pool = _warm.get_warm_pool(2, 'fork')\n"
+            "thread = pool._mgr.thread\n"
+            "del pool\n"
+            "_warm._at_exit()\n"
+            "print(json.dumps(thread.is_alive()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) is False, "the manager thread outlived the exit handler"
+
+
 def test_exit_does_not_wait_for_abandoned_work() -> None:
     # A chunk nobody will wait for (a failed run left it behind, say) sleeps for an hour in a
     # warm worker: leaving the interpreter must kill that worker, not wait for it.

@@ -80,8 +80,12 @@ if hasattr(os, "register_at_fork"):
 @atexit.register
 def _at_exit() -> None:
     # Registered after multiprocessing's own exit handler, so it runs first. Results of busy
-    # workers can no longer be waited for: kill those, let idle ones exit cleanly.
+    # workers can no longer be waited for: kill those, let idle ones exit cleanly. The pools are
+    # held here first: LIVE holds them weakly, and clearing the registry could free a warm pool
+    # unstopped, its manager thread still replacing the workers multiprocessing's handler kills
+    # next (a spawn cut short by the exit prints "EOFError: Ran out of input").
+    pools = list(LIVE)
     with _LOCK:
         _WARM.clear()
-    for pool in list(LIVE):
+    for pool in pools:
         pool.abandon_at_exit()
