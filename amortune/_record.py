@@ -1,4 +1,4 @@
-"""Records: classes declared like dataclasses, built without generating code.
+"""Records: classes declared like dataclasses, with no code generated while modules import.
 
 ``dataclasses`` compiles an ``__init__``, ``__repr__``, ``__eq__`` and more for every class as
 its module is imported (0.5-2 ms a class on the reference machine, over 20 ms for the records a
@@ -6,7 +6,8 @@ parallel call loads), and imports ``inspect`` (about 8 ms) the first time. A one
 pays both before its first worker starts. A record gets the same behaviour from methods written
 once here: keyword or positional construction with defaults and ``default_factory``,
 ``__post_init__``, a field-by-field ``repr`` and equality, and, with ``frozen=True``,
-immutability and a hash. Type checkers read the fields as they read a dataclass's.
+immutability and a hash. Only ``__init__`` is compiled, per class, at its first construction.
+Type checkers read the fields as they read a dataclass's.
 """
 
 from __future__ import annotations

@@ -150,6 +150,16 @@ def test_replace_validates() -> None:
         Config().replace(sample_items=0)
 
 
+def test_a_config_is_a_record_not_a_dataclass() -> None:
+    """As the guide says: ``cfg.replace`` changes a copy; the dataclasses helpers refuse it."""
+    import dataclasses
+
+    assert not dataclasses.is_dataclass(Config())
+    with pytest.raises(TypeError):
+        dataclasses.replace(Config(), retries=2)
+    assert Config().replace(retries=2).retries == 2
+
+
 def test_retry_backoff_and_sample_in_caller_options() -> None:
     with pytest.raises(ValueError, match="retry_backoff_seconds"):
         Config(retry_backoff_seconds=-1)

@@ -41,6 +41,7 @@ from amortune.backends import (
     register_backend,
 )
 from tests import tasks
+from tests._fresh import fresh_json
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = Config(sample_items=2, sample_seconds=0.001, target_chunk_seconds=0.002)
@@ -445,10 +446,7 @@ def test_a_tiny_map_settles_serial_without_heavy_imports() -> None:
             "amortune.execute(lambda x: x * x, range(200000))\n"
             "print(json.dumps(sorted(m for m in ('numpy', 'psutil', 'multiprocessing', "
             "'concurrent.futures.process', 'cloudpickle', 'dataclasses') if m in sys.modules)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=60, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == []
+    assert fresh_json(code, timeout=60) == []
 
 
 def test_a_parallel_call_of_an_importable_function_skips_dataclasses_and_openssl() -> None:
@@ -460,10 +458,7 @@ def test_a_parallel_call_of_an_importable_function_skips_dataclasses_and_openssl
             "    assert amortune.execute(tasks.spin, [0.002] * 400) == [0.002] * 400\n"
             "    print(json.dumps([sorted(m for m in ('dataclasses', 'inspect', 'hashlib', "
             "'cloudpickle') if m in sys.modules), 'amortune.backends.processes' in sys.modules]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) == [[], True]
+    assert fresh_json(code) == [[], True]
 
 
 BLAS_SCRIPT = textwrap.dedent("""

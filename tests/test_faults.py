@@ -48,6 +48,7 @@ from amortune.backends._base import (
 from amortune.backends._warm import peek_warm_pool
 from amortune.backends.processes import ProcessBackend
 from tests import tasks
+from tests._fresh import fresh_json
 
 REPO = Path(__file__).resolve().parents[1]
 #: Sampling runs the first items in the caller: two items only, so item 3 and later (where the
@@ -446,10 +447,7 @@ def test_exit_stops_a_warm_pool_nothing_else_references() -> None:
             "del pool\n"
             "_warm._at_exit()\n"
             "print(json.dumps(thread.is_alive()))\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, cwd=REPO)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout) is False, "the manager thread outlived the exit handler"
+    assert fresh_json(code) is False, "the manager thread outlived the exit handler"
 
 
 def test_exit_does_not_wait_for_abandoned_work() -> None:
