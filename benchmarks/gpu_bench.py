@@ -21,19 +21,24 @@ sequences (``length=len``). For each, items/s of
   worker that can be replaced): a fresh interpreter importing torch, the model load, the probe
   on sample copies, the run, the shutdown; its start-up and probe are shown apart.
 
-Each rate is the best of three runs (one with ``--quick``), ``map_model``'s too. Targets:
+Each rate is the best of three runs (one with ``--quick``), ``map_model``'s too; the runs are
+interleaved (every round runs each contestant once), so a slow spell of a shared machine does
+not fall on one contestant's runs alone. Targets:
 ``map_model`` at least 5x the batch-1 loop and at least 0.9x the best fixed batch.
 
 ``Batcher``: four threads submit items and wait for their results (one, or sixteen, outstanding
-per thread); the batched function is the MLP on a stacked numpy batch. Reported: latency
+per thread); the batched function is the MLP on a stacked numpy batch, on one torch thread per
+call (the four clients already share the cores). Reported: latency
 percentiles, from ``submit`` to the future's completion (a done-callback's timestamp, so that a
 client still busy submitting does not add its own delay to results it reads later), and
 throughput, against the four threads calling the function per item.
 Target: p99 latency at most ``max_wait`` plus twice the measured batch time.
 
-The loops and ``map_model`` in this process use the same torch threads: by default as many as
-a spawned CPU worker gets (the usable cores less one; ``--loop-threads`` to change; ``--cores N``
-pins everything to N cores). Wall-clock numbers on a shared machine are noisy: torch threads on
+The loops and ``map_model`` in this process use the same torch threads: by default torch's own
+default (capped at the usable cores), which is what a plain loop in a script gets and what
+``map_model`` keeps when it runs in this process. ``--loop-threads 1`` runs everything on one
+thread, as many as a spawned CPU worker gets on two cores; ``--cores N`` pins everything to N
+cores. Wall-clock numbers on a shared machine are noisy: torch threads on
 cores that other processes also use stall each other (an operation waits for a descheduled
 thread), so the load average is printed with the results.
 """
@@ -48,6 +53,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +65,9 @@ from amortune import gpu  # noqa: E402
 from amortune._batcher import Batcher  # noqa: E402
 
 FIXED = (8, 32, 128, 512)
+#: The Batcher's clients are four threads on a small machine: each call of the model gets one
+#: torch thread, or the clients' and torch's threads would contend for the same cores.
+BATCHER_TORCH_THREADS = 1
 IN, HIDDEN, OUT = 64, 512, 10
 CHANNELS = 32
 
@@ -134,14 +143,20 @@ def run_one_by_one(model: torch.nn.Module, data: list[torch.Tensor], ragged: boo
         return [model(x[None])[0] for x in data]
 
 
-def rate(fn, n: int, repeats: int) -> float:
-    """Items/s, best of ``repeats`` (the least disturbed run on a shared machine)."""
-    best = float("inf")
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - began)
-    return n / best
+def interleaved(contestants: dict[str, tuple[Callable[[], object], int]], repeats: int
+                ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Items/s of each contestant, best of ``repeats``, the repeats interleaved (each round runs
+    every contestant once, in a rotated order), so a slow spell of a shared machine hits all of
+    them alike instead of one contestant's runs. Also every run's seconds, by name."""
+    names = list(contestants)
+    walls: dict[str, list[float]] = {k: [] for k in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, _ = contestants[name]
+            began = time.perf_counter()
+            fn()
+            walls[name].append(time.perf_counter() - began)
+    return {k: contestants[k][1] / min(walls[k]) for k in names}, walls
 
 
 def bench_map_model(name: str, factory, data: list[torch.Tensor], ragged: bool,
@@ -151,29 +166,31 @@ def bench_map_model(name: str, factory, data: list[torch.Tensor], ragged: bool,
     # A rate falls as the input grows: the contestants for the best fixed batch run all of it;
     # the slow loops run a part, which only flatters them.
     one_by_one = data[: len(data) // 40]
-    rows: dict[str, float] = {}
-    rows["loop, batch 1"] = rate(lambda: run_one_by_one(model, one_by_one, ragged),
-                                 len(one_by_one), repeats)
+    kwargs = {"length": len} if ragged else {}
+    contestants: dict[str, tuple[Callable[[], object], int]] = {
+        "loop, batch 1": (lambda: run_one_by_one(model, one_by_one, ragged), len(one_by_one))}
     for size in FIXED:
         part = one_by_one if size == 8 else data
-        rows[f"loop, batch {size}"] = rate(lambda s=size, d=part: run_fixed(model, d, s, ragged),
-                                           len(part), repeats)
+        contestants[f"loop, batch {size}"] = (
+            lambda s=size, d=part: run_fixed(model, d, s, ragged), len(part))
     if ragged:
         for size in FIXED:
-            rows[f"loop, batch {size}, longest first"] = rate(
-                lambda s=size: run_fixed(model, data, s, ragged, sort=True),
-                len(data), repeats)
+            contestants[f"loop, batch {size}, longest first"] = (
+                lambda s=size: run_fixed(model, data, s, ragged, sort=True), len(data))
+    outputs: list[list[torch.Tensor]] = []
+    contestants["map_model (end to end)"] = (
+        lambda: outputs.append(gpu.map_model(factory, data, devices="cpu", **kwargs))
+        if not outputs else gpu.map_model(factory, data, devices="cpu", **kwargs),
+        len(data))
     kwargs = {"length": len} if ragged else {}
     logged: list[str] = []
     handler, level = _Capture(logged), gpu.log.level
     gpu.log.addHandler(handler)
     gpu.log.setLevel(logging.INFO)
     try:
-        walls, out = [], None
-        for _ in range(repeats):  # best of as many runs as each loop gets
-            began = time.perf_counter()
-            out = gpu.map_model(factory, data, devices="cpu", **kwargs)
-            walls.append(time.perf_counter() - began)
+        rows, walls_by = interleaved(contestants, repeats)
+        walls = walls_by["map_model (end to end)"]
+        out = outputs[0]
         here = list(logged)
         began = time.perf_counter()
         gpu.map_model(factory, data[:64], devices="cpu", **kwargs)
@@ -196,7 +213,6 @@ def bench_map_model(name: str, factory, data: list[torch.Tensor], ragged: bool,
     ran = [float(x) for m in there for x in re.findall(r"batches in ([\d.]+) s", m)]
     probed = [float(x) for m in there for x in re.findall(r"probed in ([\d.]+) s", m)]
     busy = [float(x) for m in there for x in re.findall(r"workers busy ([\d.]+) s", m)]
-    rows["map_model (end to end)"] = len(data) / wall
     rows["map_model in a worker process (end to end)"] = len(data) / spawned_wall
     rows["map_model in a worker process (after start-up and probe)"] = len(data) / ran[0]
     fixed = {k: v for k, v in rows.items() if k.startswith("loop, batch") and "first" not in k
@@ -236,7 +252,12 @@ def percentile(values: list[float], q: float) -> float:
 def bench_batcher(quick: bool) -> dict:
     model = make_mlp()
 
+    capped = threading.local()
+
     def fn(batch: np.ndarray) -> np.ndarray:
+        if not getattr(capped, "done", False):  # OpenMP's setting is per thread
+            torch.set_num_threads(BATCHER_TORCH_THREADS)
+            capped.done = True
         with torch.inference_mode():
             return model(torch.from_numpy(batch)).numpy()
 
@@ -250,10 +271,7 @@ def bench_batcher(quick: bool) -> dict:
         latencies: list[float] = []
         lock = threading.Lock()
 
-        threads_wanted = torch.get_num_threads()
-
         def client() -> None:
-            torch.set_num_threads(threads_wanted)  # OpenMP's setting is per thread
             mine: list[float] = []
             pending: list[tuple[float, object, list[float]]] = []
             for x in items:
@@ -321,13 +339,15 @@ def main() -> None:
     parser.add_argument("--cores", type=int, help="pin this process and its workers to this "
                         "many cores")
     parser.add_argument("--loop-threads", type=int, help="torch threads of the loops and of "
-                        "map_model in this process (default: as many as a CPU worker gets)")
+                        "map_model in this process (default: torch's, capped at the usable "
+                        "cores)")
     args = parser.parse_args()
     if args.cores:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.cores])
     # Like with like: the loops, and map_model in this process (it keeps the caller's setting),
-    # run with the torch threads a spawned CPU worker gets.
-    torch.set_num_threads(args.loop_threads or gpu.worker_threads(1))
+    # run with the same torch threads; by default those a plain script gets.
+    cores = len(os.sched_getaffinity(0))
+    torch.set_num_threads(args.loop_threads or min(torch.get_num_threads(), cores))
     # A worker process pays a fresh interpreter importing torch (seconds): big inputs amortise
     # it, as a real model run over a data set does.
     n_mlp, n_conv = (200_000, 8_000) if args.quick else (1_000_000, 40_000)

@@ -15,8 +15,7 @@ BISECT_TOLERANCE = 1 / 64
 #: On CPU workers memory is the machine's (a CPU rarely reports running out: the system kills
 #: the process instead), so the search grows while items/s holds up: it stops once KNEE_PATIENCE
 #: sizes in a row run below (1 - 2 * KNEE_GAIN) of the best rate, and keeps the largest size
-#: within KNEE_GAIN of it (noise only ever slows a run, and too small a batch costs far more
-#: than too large a one). A batch whose resident memory grows past CPU_MEMORY_FRACTION of the
+#: within KNEE_GAIN of it (too small a batch costs far more than too large a one). A batch whose resident memory grows past CPU_MEMORY_FRACTION of the
 #: available memory (shared among the workers) counts as out of memory.
 KNEE_GAIN = 0.05
 KNEE_PATIENCE = 2
@@ -26,7 +25,7 @@ CPU_START_BATCH_SIZE = 8
 CPU_MAX_BATCH_SIZE = 4096
 CPU_MAX_TOKENS = 1 << 17
 #: Each probe size on a CPU worker runs at least 3 times and until this long (at most 10 times)
-#: and keeps its best time: noise on a busy machine only ever slows a run down.
+#: and keeps the mean of its runs but the first (``_search.typical_seconds``).
 MIN_TIMING_SECONDS = 0.1
 #: Largest batch the search tries when ``max_batch_size`` is not given.
 DEFAULT_MAX_BATCH_SIZE = 1 << 15

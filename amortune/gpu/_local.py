@@ -14,11 +14,16 @@ from ._constants import (
     CPU_MAX_BATCH_SIZE,
     CPU_MAX_TOKENS,
     CPU_START_BATCH_SIZE,
-    MIN_TIMING_SECONDS,
     log,
 )
 from ._exceptions import ItemTooLargeError
-from ._search import BatchSizeReport, SearchResult, pack_batches, search_batch_size
+from ._search import (
+    BatchSizeReport,
+    SearchResult,
+    pack_batches,
+    search_batch_size,
+    timed_repeats,
+)
 from ._worker import (
     _free,
     _load,
@@ -156,11 +161,7 @@ def search_on_input(st: _WorkerState, lengths: Sequence[int] | None, start: int,
         return seconds * size / units
 
     def run(size: int) -> float:
-        best, total, reps = math.inf, 0.0, 0
-        while reps == 0 or ((total < MIN_TIMING_SECONDS or reps < 3) and reps < 10):
-            seconds = once(size)
-            best, total, reps = min(best, seconds), total + seconds, reps + 1
-        return best
+        return timed_repeats(lambda: once(size))
 
     try:
         found = search_batch_size(run, limit=limit, start=CPU_START_BATCH_SIZE, margin=cfg.margin,

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 from .. import _device
-from ._constants import BISECT_TOLERANCE, KNEE_GAIN, KNEE_PATIENCE, MARGIN
+from ._constants import BISECT_TOLERANCE, KNEE_GAIN, KNEE_PATIENCE, MARGIN, MIN_TIMING_SECONDS
 
 
 def pack_batches(lengths: Sequence[int] | None, n: int, max_items: int | None,
@@ -43,6 +43,32 @@ def pack_batches(lengths: Sequence[int] | None, n: int, max_items: int | None,
     if n:
         out.append((start, n))
     return out
+
+
+def typical_seconds(runs: Sequence[float]) -> float:
+    """What one batch of a size takes over a whole run, from its repeated runs: the mean of all
+    but the first (which pays the size's first allocations).
+
+    A run's time is the sum of its batches, so the mean is what a size delivers. The best run,
+    or even the median, would flatter small batches on a busy machine: a short batch often fits
+    between two interruptions, a long one never does.
+
+    >>> typical_seconds([9.0, 1.0, 3.0, 2.0])
+    2.0
+    """
+    rest = runs[1:] if len(runs) >= 3 else runs
+    return sum(rest) / len(rest)
+
+
+def timed_repeats(once: Callable[[], float], *, repeat: bool = True,
+                  min_seconds: float = MIN_TIMING_SECONDS) -> float:
+    """Run ``once()`` (it returns its seconds) at least 3 times and until ``min_seconds`` have
+    passed, at most 10 times, and return :func:`typical_seconds` of the runs; without
+    ``repeat``, the one run's seconds."""
+    runs: list[float] = []
+    while not runs or (repeat and (sum(runs) < min_seconds or len(runs) < 3) and len(runs) < 10):
+        runs.append(once())
+    return typical_seconds(runs)
 
 
 class SearchResult(NamedTuple):

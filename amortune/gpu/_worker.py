@@ -22,13 +22,12 @@ from ._constants import (
     CPU_MAX_BATCH_SIZE,
     CPU_MAX_TOKENS,
     CPU_START_BATCH_SIZE,
-    MIN_TIMING_SECONDS,
     WORKER_DEVICE_ENV,
     WORKER_SLOT_ENV,
     log,
 )
 from ._exceptions import ItemTooLargeError
-from ._search import BatchSizeReport, pack_batches, search_batch_size
+from ._search import BatchSizeReport, pack_batches, search_batch_size, timed_repeats
 from ._transfer import _as_list, _pack, _Rows, _unpack
 
 
@@ -239,11 +238,11 @@ def _probe_task(task: _Task) -> _TaskResult:
 
 
 def _timed(st: _WorkerState, items: list[Any], repeat: bool) -> float:
-    """Seconds one batch of ``items`` takes (best of several with ``repeat``); on a CPU worker a
-    batch whose memory grows past the budget raises ``MemoryError``, as a GPU would."""
+    """Seconds one batch of ``items`` takes (typical of several runs with ``repeat``); on a CPU
+    worker a batch whose memory grows past the budget raises ``MemoryError``, as a GPU would."""
     budget = st.config.memory_budget_bytes if not (st.device.is_cuda or st.device.fake) else None
-    best, total, reps = math.inf, 0.0, 0
-    while reps == 0 or (repeat and (total < MIN_TIMING_SECONDS or reps < 3) and reps < 10):
+
+    def once() -> float:
         if budget:
             st.device.reset_peak()
         st.device.synchronize()
@@ -251,12 +250,13 @@ def _timed(st: _WorkerState, items: list[Any], repeat: bool) -> float:
         _predict_batch(st, items)
         st.device.synchronize()
         seconds = time.perf_counter() - began
-        best, total, reps = min(best, seconds), total + seconds, reps + 1
         peak = st.device.peak_bytes() if budget else None
         if budget and peak is not None and peak > budget:
             raise MemoryError(f"a batch of {len(items)} items grew this worker by {peak} bytes, "
                               f"over its budget of {budget} bytes")
-    return best
+        return seconds
+
+    return timed_repeats(once, repeat=repeat)
 
 
 def _probe(st: _WorkerState, fallback_items: Sequence[Any],
