@@ -85,6 +85,19 @@ def _start_workers_early() -> None:
                   memory_growth_bytes=config.worker_memory_growth_bytes)
 
 
+def _start_early_if_worth_it(wall_seconds: float, cpu_seconds: float,
+                             n_total: int | None) -> None:
+    """The sampler's hook for an input the first look could not take (no length): the same
+    rule as after the first look, on the sample's second item, once the read-ahead knows the
+    input's length."""
+    from ._quick import WAITING_CPU_SHARE
+
+    if (n_total is not None and wall_seconds > 0
+            and cpu_seconds / wall_seconds >= WAITING_CPU_SHARE
+            and wall_seconds * (n_total - 2) >= EARLY_START_SECONDS):
+        _start_workers_early()
+
+
 def _quick_allowed(config: Config | None, options: dict[str, Any]) -> bool:
     import sys
 
@@ -183,6 +196,7 @@ def execute(
         from ._quick import WAITING_CPU_SHARE, WAITING_SAMPLE_SECONDS, quick_serial
 
         quick = quick_serial(func, data, threshold_seconds=_threshold())
+        options["early_start"] = quick is None  # no length: the sampler may start workers
         if quick is not None:
             if quick.rest is None:
                 return quick.results
@@ -301,7 +315,9 @@ def _run(func: Callable[..., Any], data: Iterable[Any], options: dict[str, Any],
                                else pins.get("n_jobs")),
                        chunksize=options["chunksize"],
                        executor=options["backend"] or options["executor"] or pins.get("executor"),
-                       start_index=offset, lazy_function_probe=bool(options.get("waiting")))
+                       start_index=offset, lazy_function_probe=bool(options.get("waiting")),
+                       on_item_cost=(_start_early_if_worth_it if options.get("early_start")
+                                     else None))
     _warn(run)
     first = run.sampled.results
     progress, callback = options["progress"], options["progress_callback"]

@@ -94,12 +94,14 @@ def plan_run(
     executor: Any = None,
     start_index: int = 0,
     lazy_function_probe: bool = False,
+    on_item_cost: Callable[[float, float, int | None], None] | None = None,
 ) -> PlannedRun:
     """Sample ``func`` on ``data`` and decide how to run the rest.
 
     ``executor`` is a backend spec (``backend=``): a built-in name, a :class:`Backend`, or an
     object a registered backend recognises. ``lazy_function_probe`` (items that wait: threads
     are likely) pickles ``func`` only if the plan turns out to need processes.
+    ``on_item_cost`` is handed to :func:`~amortune._profile.sample`.
     """
     if not callable(func):
         raise TypeError(f"func must be callable, got {type(func).__name__}")
@@ -154,7 +156,8 @@ def plan_run(
     if sampled is None:
         sampled = sample(func, data, config, start_index=start_index,
                          probe_function=not (lazy_function_probe and executor is None
-                                             and backend is None))
+                                             and backend is None),
+                         on_item_cost=on_item_cost)
     if (executor == "processes" or backend is not None) and not sampled.profile.picklable:
         warnings.append(f"cannot use {'processes' if backend is None else backend.name}: "
                         f"{sampled.profile.not_picklable_reason}; running serially instead")

@@ -9,6 +9,7 @@ Clocks are arguments so tests can drive it with a virtual clock.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import pickle
@@ -181,7 +182,7 @@ def sample(
     config: Config,
     *,
     parallel_floor_seconds: float = PARALLEL_FLOOR_SECONDS,
-    on_first_item: Callable[[float, float, int | None], None] | None = None,
+    on_item_cost: Callable[[float, float, int | None], None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     cpu_clock: Callable[[], float] = time.process_time,
     runqueue_clock: Callable[[], float] | None = None,
@@ -197,8 +198,11 @@ def sample(
     cloudpickle, whose import is ~10 ms of a one-shot script): for items that wait, whose plan is
     threads unless the model says otherwise, and then :func:`finish_function_probe` pickles
     it.
-    ``on_first_item(wall_seconds, cpu_seconds, n_total)`` is called after the first item, so the
-    caller can start workers while the rest of the sample runs. ``runqueue_clock`` (default: the
+    ``on_item_cost(wall_seconds, cpu_seconds, n_total)`` is called once, after the second item
+    (the first call's one-off apart) with that item's times, so the caller can start workers
+    while the rest of the sample runs; for an input without a length the read-ahead is done
+    right after the first item, so ``n_total`` is known there when the input is not longer than
+    the read-ahead (``None`` otherwise). ``runqueue_clock`` (default: the
     kernel's per-thread run-queue time) lets the time the caller waited for a busy CPU be told
     apart from time the function spent waiting.
     An exception from ``func`` propagates with the item's index in a note.
@@ -216,9 +220,13 @@ def sample(
     start = clock()
     deadline = start + config.sample_seconds
     limit = config.sample_items
+    # A length-less input is read ahead once its first item is known (the buffer's size depends
+    # on it), and the sample continues from that buffer.
+    early: collections.deque[Any] | None = None
+    early_total: int | None = None
     while True:
         try:
-            item = next(it)
+            item = early.popleft() if early else next(it)
         except StopIteration:
             break
         except Exception as exc:  # the input itself failed: say so, with the item it was reading
@@ -255,8 +263,13 @@ def sample(
             # one-off can be told apart from the item cost.
             if config.sample_seconds / 2 < t1 - start < FIRST_CALL_MAX_SECONDS:
                 deadline = max(deadline, t1 + config.sample_seconds)
-            if on_first_item is not None:
-                on_first_item(t1 - t0, cpu_clock() - cpu_start, n_total)
+            if n_total is None:
+                buffered, it, ahead = _read_ahead(it, inputs)
+                early = collections.deque(buffered)
+                if len(buffered) < ahead:
+                    early_total = 1 + len(buffered)
+        elif len(results) == 2 and on_item_cost is not None:
+            on_item_cost(walls[1], cpus[1], n_total if n_total is not None else early_total)
         if len(results) >= limit or t1 >= deadline:
             break
     sampled_wall = clock() - start
@@ -264,12 +277,15 @@ def sample(
     runqueue = max(0.0, runqueue_clock() - rq_start)
     n = len(results)
 
-    read_ahead: list[Any] = []
+    read_ahead: list[Any] = list(early) if early else []
     if n_total is not None:
         n_remaining, known = n_total - n, True
     else:
-        read_ahead, it, limit = _read_ahead(it, inputs)
-        known = len(read_ahead) < limit
+        known = early is None or early_total is not None  # None: it ended before a first item
+        if not known:  # longer than the first read: keep a full buffer past the sample
+            more, it, ahead = _read_ahead(it, inputs, have=len(read_ahead))
+            read_ahead.extend(more)
+            known = len(read_ahead) < ahead
         n_remaining = len(read_ahead)
 
     one_off = 0.0
@@ -390,9 +406,13 @@ class _Raises:
         raise exc
 
 
-def _read_ahead(it: Iterator[Any], sampled_inputs: list[Any]
+def _read_ahead(it: Iterator[Any], sampled_inputs: list[Any], have: int = 0
                 ) -> tuple[list[Any], Iterator[Any], int]:
-    """Buffer the next items of a length-less input so the model knows how much work is left."""
+    """Buffer the next items of a length-less input so the model knows how much work is left.
+
+    Reads up to the limit less the ``have`` items already buffered; returns the items, the
+    iterator left and the limit (past the items and ``have`` when the input failed: it ends
+    there)."""
     per_item = 0
     if sampled_inputs:
         try:
@@ -404,9 +424,9 @@ def _read_ahead(it: Iterator[Any], sampled_inputs: list[Any]
         limit = max(1, min(limit, READ_AHEAD_BYTES // per_item))
     items: list[Any] = []
     try:
-        items.extend(itertools.islice(it, limit))
+        items.extend(itertools.islice(it, max(0, limit - have)))
     except Exception as exc:
         # The input itself failed: the items before the failure still run first (as in map),
         # and the error is raised in its place, once they are done.
-        return items, _Raises(exc), len(items) + 1
+        return items, _Raises(exc), have + len(items) + 1
     return items, it, limit

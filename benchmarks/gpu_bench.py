@@ -358,6 +358,7 @@ def main() -> None:
             ("MLP 64-512-512-10", make_mlp, mlp_data(n_mlp), False),
             ("conv1d, ragged 16-256", make_conv, ragged_data(n_conv), True)):
         report["workloads"].append(bench_map_model(name, factory, data, ragged, args.quick))
+    torch.set_num_threads(BATCHER_TORCH_THREADS)  # the pool every thread's calls share too
     report["batcher"] = bench_batcher(args.quick)
     report["load_average"] = [load_before, os.getloadavg()[0]]
     print_report(report)

@@ -589,32 +589,36 @@ EARLY_SCRIPT = textwrap.dedent("""
     from tests import tasks
 
     seen = []
-    plan_run = _optimize.plan_run
+    decide = _optimize.decide
 
-    def watch(*args, **kwargs):
+    def watch(*args, **kwargs):  # the model decides once the sample is done
         warm = sys.modules.get("amortune.backends._warm")
         seen.append(warm is not None and warm.peek_warm_pool(None) is not None)
-        return plan_run(*args, **kwargs)
+        return decide(*args, **kwargs)
 
-    _optimize.plan_run = watch
+    _optimize.decide = watch
     if __name__ == "__main__":
         func = {"spin": tasks.spin, "sleep": tasks.sleep_then_return}[sys.argv[1]]
         n, seconds = int(sys.argv[2]), float(sys.argv[3])
-        assert amortune.execute(func, [seconds] * n) == [seconds] * n
+        data = [seconds] * n if sys.argv[4] == "list" else (seconds for _ in range(n))
+        assert amortune.execute(func, data) == [seconds] * n
         print(json.dumps(seen))
 """)
 
 
-@pytest.mark.parametrize(("func", "n", "seconds", "early"), [
-    ("spin", 400, 0.002, True),     # ~0.8 s of computing left: processes are all but certain
-    ("spin", 150, 0.002, False),    # ~0.3 s: the planner decides before any worker starts
-    ("sleep", 200, 0.005, False),   # items that wait: threads, no process
+@pytest.mark.parametrize(("func", "n", "seconds", "early", "shape"), [
+    ("spin", 400, 0.002, True, "list"),  # ~0.8 s of computing left: processes all but certain
+    ("spin", 400, 0.002, True, "generator"),  # the same, once the read-ahead knows the length
+    ("spin", 150, 0.002, False, "list"),  # ~0.3 s: the planner decides before workers start
+    ("spin", 150, 0.002, False, "generator"),
+    ("sleep", 200, 0.005, False, "list"),  # items that wait: threads, no process
+    ("sleep", 200, 0.005, False, "generator"),
 ])
 def test_workers_start_before_the_planner_only_when_processes_are_all_but_certain(
-        tmp_path: Path, func: str, n: int, seconds: float, early: bool) -> None:
+        tmp_path: Path, func: str, n: int, seconds: float, early: bool, shape: str) -> None:
     script = tmp_path / "early.py"
     script.write_text(EARLY_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), func, str(n), str(seconds)],
+    out = subprocess.run([sys.executable, str(script), func, str(n), str(seconds), shape],
                          capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr

@@ -214,6 +214,37 @@ def test_nothing_lost_or_duplicated(n: int, sample_items: int, read_ahead: int, 
         assert s.n_remaining == read_ahead <= n - sampled
 
 
+@pytest.mark.parametrize(("shape", "n", "total"), [
+    ("list", 50, 50),
+    ("generator", 50, 50),  # the read-ahead, done after the first item, knows its length
+    ("generator", READ_AHEAD_ITEMS + 10, None),  # longer than the read-ahead: unknown
+    ("generator", 1, "not called"),
+])
+def test_the_item_cost_hook_comes_after_the_second_item_with_the_total(
+        shape: str, n: int, total: int | str | None) -> None:
+    clock = VirtualClock()
+    calls: list[tuple[float, float, int | None]] = []
+    data: Any = list(range(n)) if shape == "list" else (i for i in range(n))
+    first = [True]
+
+    def func(x: int) -> int:
+        clock.work(0.5 if first[0] else 0.002, cpu_share=0.5)  # a one-off first call
+        first[0] = False
+        return x
+
+    s = run(clock, func, data, Config(sample_items=6, sample_seconds=1e9),
+            on_item_cost=lambda w, c, t: calls.append((w, c, t)))
+    if total == "not called":
+        assert calls == []
+        return
+    assert len(calls) == 1
+    wall, cpu, got = calls[0]
+    assert wall == pytest.approx(0.002) and cpu == pytest.approx(0.001)  # the second item's
+    assert got == total
+    assert s.results == list(range(min(n, 6)))
+    assert list(s.remaining_items()) == list(range(min(n, 6), n))
+
+
 # -- pickling is measured only when parallel could pay -------------------------------------------
 def test_trivial_work_skips_pickling() -> None:
     clock = VirtualClock()
