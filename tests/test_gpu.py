@@ -243,6 +243,12 @@ def test_search_on_cpu_grows_while_throughput_holds_up_and_stops_when_it_falls()
     rising = gpu.search_batch_size(lambda b: 1e-3 + 1e-5 * b, limit=4096, by_throughput=True)
     assert rising.limited_by == "limit" and rising.size == 4096
 
+    # the limit is reached, but the last sizes ran slower: a smaller one is kept, and said why
+    slower = gpu.search_batch_size(lambda b: 1e-3 + 1e-5 * b * (1 if b <= 1024 else 2),
+                                   limit=4096, start=8, by_throughput=True)
+    assert [b for b, _, _ in slower.trials][-1] == 4096
+    assert slower.size == 1024 and slower.limited_by == "throughput"
+
 
 @settings(max_examples=100, deadline=None)
 @given(overhead=st.floats(1e-5, 1.0), per_item=st.floats(1e-7, 1e-2),

@@ -169,7 +169,11 @@ def search_batch_size(
         chosen = max(1, math.floor(lo * (1 - margin)))
     if by_throughput and rates:
         best = max(rates.values())
-        chosen = min(chosen, max(b for b, r in rates.items() if r >= best * (1 - KNEE_GAIN)))
+        near_best = max(b for b, r in rates.items() if r >= best * (1 - KNEE_GAIN))
+        if near_best < chosen:
+            chosen = near_best
+            if limited_by in ("limit", "time"):  # larger sizes ran, but slower
+                limited_by = "throughput"
     return SearchResult(chosen, lo, hi, limited_by, tuple(trials))
 
 
