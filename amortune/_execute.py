@@ -85,17 +85,24 @@ def _start_workers_early() -> None:
                   memory_growth_bytes=config.worker_memory_growth_bytes)
 
 
-def _start_early_if_worth_it(wall_seconds: float, cpu_seconds: float,
-                             n_total: int | None) -> None:
-    """The sampler's hook for an input the first look could not take (no length): the same
-    rule as after the first look, on the sample's second item, once the read-ahead knows the
-    input's length."""
+def _start_early_if_worth_it(item_seconds: float, cpu_seconds: float,
+                             n_left: int | None) -> None:
+    """Fork the warm pool now when ``n_left`` items that compute (``cpu_seconds`` of each
+    ``item_seconds`` at least ``WAITING_CPU_SHARE``) leave ``EARLY_START_SECONDS`` of work.
+
+    Called after the first look, and by the sampler on its second item for an input the first
+    look could not take (no length) once the read-ahead knows how long it is."""
     from ._quick import WAITING_CPU_SHARE
 
-    if (n_total is not None and wall_seconds > 0
-            and cpu_seconds / wall_seconds >= WAITING_CPU_SHARE
-            and wall_seconds * (n_total - 2) >= EARLY_START_SECONDS):
+    if (n_left is not None and item_seconds > 0
+            and cpu_seconds / item_seconds >= WAITING_CPU_SHARE
+            and item_seconds * n_left >= EARLY_START_SECONDS):
         _start_workers_early()
+
+
+def _sampled_item_cost(wall_seconds: float, cpu_seconds: float, n_total: int | None) -> None:
+    # The sampler calls this after its second item: two items ran, the rest are left.
+    _start_early_if_worth_it(wall_seconds, cpu_seconds, None if n_total is None else n_total - 2)
 
 
 def _quick_allowed(config: Config | None, options: dict[str, Any]) -> bool:
@@ -211,8 +218,8 @@ def execute(
             budget = WAITING_SAMPLE_SECONDS if waiting else Config.sample_seconds
             options["sample_seconds"] = max(WAITING_SAMPLE_SECONDS, budget - quick.seconds)
             options["waiting"] = waiting  # threads are likely: pickle func only if not
-            if not waiting and quick.item_seconds * (quick.n_rest or 0) >= EARLY_START_SECONDS:
-                _start_workers_early()
+            if not waiting:
+                _start_early_if_worth_it(quick.item_seconds, quick.item_seconds, quick.n_rest)
     options["initargs"] = initargs
     parts = _run(func, data, options, config, len(results), ordered=True)
     for part in parts:
@@ -316,7 +323,7 @@ def _run(func: Callable[..., Any], data: Iterable[Any], options: dict[str, Any],
                        chunksize=options["chunksize"],
                        executor=options["backend"] or options["executor"] or pins.get("executor"),
                        start_index=offset, lazy_function_probe=bool(options.get("waiting")),
-                       on_item_cost=(_start_early_if_worth_it if options.get("early_start")
+                       on_item_cost=(_sampled_item_cost if options.get("early_start")
                                      else None))
     _warn(run)
     first = run.sampled.results

@@ -15,8 +15,9 @@ BISECT_TOLERANCE = 1 / 64
 #: On CPU workers memory is the machine's (a CPU rarely reports running out: the system kills
 #: the process instead), so the search grows while items/s holds up: it stops once KNEE_PATIENCE
 #: sizes in a row run below (1 - 2 * KNEE_GAIN) of the best rate, and keeps the largest size
-#: within KNEE_GAIN of it (too small a batch costs far more than too large a one). A batch whose resident memory grows past CPU_MEMORY_FRACTION of the
-#: available memory (shared among the workers) counts as out of memory.
+#: within KNEE_GAIN of it (too small a batch costs far more than too large a one). A batch
+#: whose resident memory grows past CPU_MEMORY_FRACTION of the available memory (shared among
+#: the workers) counts as out of memory.
 KNEE_GAIN = 0.05
 KNEE_PATIENCE = 2
 CPU_MEMORY_FRACTION = 0.5
