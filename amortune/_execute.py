@@ -60,49 +60,57 @@ class OneOfChunk:
 #: workers' start-up (10-30 ms from fork to ready on the reference machine) overlaps the
 #: sample instead of following it.
 EARLY_START_SECONDS = 0.5
+#: Once workers are forked early they wait for the plan, so the sample after the fork is cut to
+#: this (at least one item): about the workers' start-up, the time the caller's items cost
+#: nothing. The run's own chunk timings correct what a short sample misjudges.
+EARLY_SAMPLE_SECONDS = 0.005
 
 
-def _start_workers_early() -> None:
+def _start_workers_early() -> bool:
     """Fork the warm pool now, one worker per usable core, while this process is single-threaded.
 
     The plan made next finds it warm; a plan that does not use it leaves it idle (it is the
-    same pool a later call would reuse, stopped at exit).
+    same pool a later call would reuse, stopped at exit). True when workers were started.
     """
     import multiprocessing
 
     if multiprocessing.current_process().daemon:
-        return  # a worker process cannot start workers of its own
+        return False  # a worker process cannot start workers of its own
     from ._config import Config
     from ._system import probe_system
 
     config = Config()
     cores = probe_system(config).usable_cores
     if cores < 2:
-        return
+        return False
     from .backends._warm import get_warm_pool
 
     get_warm_pool(cores, None, thread_cap=1,
                   memory_growth_bytes=config.worker_memory_growth_bytes)
+    return True
 
 
 def _start_early_if_worth_it(item_seconds: float, cpu_seconds: float,
-                             n_left: int | None) -> None:
+                             n_left: int | None) -> bool:
     """Fork the warm pool now when ``n_left`` items that compute (``cpu_seconds`` of each
-    ``item_seconds`` at least ``WAITING_CPU_SHARE``) leave ``EARLY_START_SECONDS`` of work.
+    ``item_seconds`` at least ``WAITING_CPU_SHARE``) leave ``EARLY_START_SECONDS`` of work;
+    True when it did (the sample that follows is then cut short: the workers wait for it).
 
     Called after the first look, and by the sampler on its second item for an input the first
     look could not take (no length) once the read-ahead knows how long it is."""
     from ._quick import WAITING_CPU_SHARE
 
-    if (n_left is not None and item_seconds > 0
+    return (n_left is not None and item_seconds > 0
             and cpu_seconds / item_seconds >= WAITING_CPU_SHARE
-            and item_seconds * n_left >= EARLY_START_SECONDS):
-        _start_workers_early()
+            and item_seconds * n_left >= EARLY_START_SECONDS and _start_workers_early())
 
 
-def _sampled_item_cost(wall_seconds: float, cpu_seconds: float, n_total: int | None) -> None:
+def _sampled_item_cost(wall_seconds: float, cpu_seconds: float,
+                       n_total: int | None) -> float | None:
     # The sampler calls this after its second item: two items ran, the rest are left.
-    _start_early_if_worth_it(wall_seconds, cpu_seconds, None if n_total is None else n_total - 2)
+    n_left = None if n_total is None else n_total - 2
+    return EARLY_SAMPLE_SECONDS if _start_early_if_worth_it(wall_seconds, cpu_seconds,
+                                                            n_left) else None
 
 
 def _quick_allowed(config: Config | None, options: dict[str, Any]) -> bool:
@@ -218,8 +226,9 @@ def execute(
             budget = WAITING_SAMPLE_SECONDS if waiting else Config.sample_seconds
             options["sample_seconds"] = max(WAITING_SAMPLE_SECONDS, budget - quick.seconds)
             options["waiting"] = waiting  # threads are likely: pickle func only if not
-            if not waiting:
-                _start_early_if_worth_it(quick.item_seconds, quick.item_seconds, quick.n_rest)
+            if not waiting and _start_early_if_worth_it(quick.item_seconds, quick.item_seconds,
+                                                        quick.n_rest):
+                options["sample_seconds"] = EARLY_SAMPLE_SECONDS
     options["initargs"] = initargs
     parts = _run(func, data, options, config, len(results), ordered=True)
     for part in parts:

@@ -94,7 +94,7 @@ def plan_run(
     executor: Any = None,
     start_index: int = 0,
     lazy_function_probe: bool = False,
-    on_item_cost: Callable[[float, float, int | None], None] | None = None,
+    on_item_cost: Callable[[float, float, int | None], float | None] | None = None,
 ) -> PlannedRun:
     """Sample ``func`` on ``data`` and decide how to run the rest.
 

@@ -182,7 +182,7 @@ def sample(
     config: Config,
     *,
     parallel_floor_seconds: float = PARALLEL_FLOOR_SECONDS,
-    on_item_cost: Callable[[float, float, int | None], None] | None = None,
+    on_item_cost: Callable[[float, float, int | None], float | None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     cpu_clock: Callable[[], float] = time.process_time,
     runqueue_clock: Callable[[], float] | None = None,
@@ -200,7 +200,8 @@ def sample(
     it.
     ``on_item_cost(wall_seconds, cpu_seconds, n_total)`` is called once, after the second item
     (the first call's one-off apart) with that item's times, so the caller can start workers
-    while the rest of the sample runs; for an input without a length the read-ahead is done
+    while the rest of the sample runs; when it returns seconds, the sample ends that long after
+    the second item (started workers wait for the plan); for an input without a length the read-ahead is done
     right after the first item, so ``n_total`` is known there when the input is not longer than
     the read-ahead (``None`` otherwise). ``runqueue_clock`` (default: the
     kernel's per-thread run-queue time) lets the time the caller waited for a busy CPU be told
@@ -269,7 +270,9 @@ def sample(
                 if len(buffered) < ahead:
                     early_total = 1 + len(buffered)
         elif len(results) == 2 and on_item_cost is not None:
-            on_item_cost(walls[1], cpus[1], n_total if n_total is not None else early_total)
+            cut = on_item_cost(walls[1], cpus[1], n_total if n_total is not None else early_total)
+            if cut is not None:
+                deadline = min(deadline, t1 + cut)
         if len(results) >= limit or t1 >= deadline:
             break
     sampled_wall = clock() - start

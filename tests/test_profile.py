@@ -245,6 +245,21 @@ def test_the_item_cost_hook_comes_after_the_second_item_with_the_total(
     assert list(s.remaining_items()) == list(range(min(n, 6), n))
 
 
+@pytest.mark.parametrize("shape", ["list", "generator"])
+@pytest.mark.parametrize("cut", [None, 0.005, 1e-4])
+def test_the_hook_can_cut_the_sample_short_after_the_second_item(
+        shape: str, cut: float | None) -> None:
+    """Workers started by the hook wait for the plan: seconds returned end the sample that long
+    after the second item, so at least three items run; None leaves the budget as it was."""
+    clock = VirtualClock()
+    data: Any = list(range(100)) if shape == "list" else (i for i in range(100))
+    s = run(clock, clock.task(0.002), data, Config(sample_items=64, sample_seconds=1.0),
+            on_item_cost=lambda w, c, t: cut)
+    expected = {None: 64, 0.005: 5, 1e-4: 3}[cut]  # 2 ms items: the 5th ends 6 ms after the 2nd
+    assert [x for x, _ in s.results] == list(range(expected))
+    assert list(s.remaining_items()) == list(range(expected, 100))
+
+
 # -- pickling is measured only when parallel could pay -------------------------------------------
 def test_trivial_work_skips_pickling() -> None:
     clock = VirtualClock()
