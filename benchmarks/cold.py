@@ -651,6 +651,41 @@ def _machine() -> tuple[int, str, str]:
         return cores, f"{cores} usable cores (amortune.probe_system failed: {exc!r})", where
 
 
+CAPACITY_SCRIPT = """
+import sys, time
+sys.path.insert(0, {here!r})
+from cold_workloads import spin
+began = time.perf_counter()
+for _ in range({items}):
+    spin({steps})
+print(time.perf_counter() - began)
+"""
+
+
+def parallel_capacity(cores: int, steps: int, items: int, rounds: int = 5
+                      ) -> tuple[float, float]:
+    """How many cores' worth of pure-Python work this machine runs at once right now.
+
+    ``cores`` fresh processes spin the same ``items`` × ~2 ms at once, against one alone (timed
+    inside each, start-up excluded), alternated ``rounds`` times: capacity = cores × alone ÷
+    together, medians. A virtual machine whose cores share hardware with its neighbours gets
+    less than ``cores``; then no contestant can reach the loop ÷ cores ideal. Also the median
+    seconds of one alone."""
+    code = CAPACITY_SCRIPT.format(here=HERE, items=items, steps=steps)
+
+    def together(n: int) -> list[float]:
+        procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                  text=True) for _ in range(n)]
+        return [float(p.communicate()[0]) for p in procs]
+
+    alone, both = [], []
+    for _ in range(rounds):
+        alone.extend(together(1))
+        both.append(statistics.fmean(together(cores)))
+    one = statistics.median(alone)
+    return cores * one / statistics.median(both), one
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer items, one repeat (< 60 s)")
@@ -680,6 +715,10 @@ def main(argv: list[str] | None = None) -> None:
     started = time.perf_counter()
     precompile()
     load_before = os.getloadavg()
+    capacity_items = 25 if args.quick else 250
+    capacity_rounds = 1 if args.quick else 5
+    capacity = ([parallel_capacity(cores, steps, capacity_items, capacity_rounds)]
+                if cores > 1 else [])
     specs = [s for s in cw.SPECS if s.name in wanted]
     folder = tempfile.mkdtemp(prefix="amortune-cold-")
     try:
@@ -694,6 +733,8 @@ def main(argv: list[str] | None = None) -> None:
                                for name, code in IMPORTS.items()]
     if "first-call" in wanted:
         extra["first_call"] = first_call(runs, timeout)
+    if cores > 1:
+        capacity.append(parallel_capacity(cores, steps, capacity_items, capacity_rounds))
     load_after = os.getloadavg()
     md, checks = report(rows, names, cores, extra)
     command = shlex.join(["python", os.path.relpath(sys.argv[0]), *sys.argv[1:]])
@@ -708,6 +749,12 @@ def main(argv: list[str] | None = None) -> None:
         f"{time.perf_counter() - started:.0f} s)",
         f"- load average (1 min) {load_before[0]:.2f} before, {load_after[0]:.2f} after; "
         f"~2 ms = {steps} steps of `spin` ({per_step * 1e9:.1f} ns each)",
+        *([f"- parallel capacity: {cores} processes spinning at once got "
+           + " and ".join(f"{c:.2f}" for c, _ in capacity)
+           + f" cores' worth (before and after the run; {capacity_items} × ~2 ms each, one "
+           f"alone in {capacity[0][1]:.2f} s): the best any contestant can reach here is "
+           f"about {cores / min(c for c, _ in capacity):.2f}× the loop ÷ {cores} ideal"]
+          if capacity else []),
         "", "Bytecode of amortune and the workload module is compiled ahead, as after `pip "
         "install`" + ("; `PYTHONDONTWRITEBYTECODE` is set here, and the probes run without it"
                       if "PYTHONDONTWRITEBYTECODE" in os.environ else "") + ".",
