@@ -25,8 +25,11 @@ the timed call starts from). Also measured: ``python -X importtime -c "import am
 with ``amortune.execute`` touched; and everything a first parallel call imports, the standard
 library's modules included), and the first call of
 ``amortune.execute(lambda x: x, range(1000))`` in a new process, from before ``import amortune``
-to the result, against a plain loop. Targets are reported, not enforced: the exit status is 0
-whatever they say.
+to the result, against a plain loop. Before and after the run, ``parallel_capacity`` measures
+how many cores' worth of pure-Python work the machine gives processes running at once (a
+virtual machine sharing its cores gets less than its core count, and then nobody reaches the
+loop ÷ cores ideal). Targets are reported, not enforced: the exit status is 0 whatever they
+say.
 """
 
 from __future__ import annotations
