@@ -100,17 +100,20 @@ def _start_early_if_worth_it(item_seconds: float, cpu_seconds: float,
     look could not take (no length) once the read-ahead knows how long it is."""
     from ._quick import WAITING_CPU_SHARE
 
-    return (n_left is not None and item_seconds > 0
+    if (n_left is not None and item_seconds > 0
             and cpu_seconds / item_seconds >= WAITING_CPU_SHARE
-            and item_seconds * n_left >= EARLY_START_SECONDS and _start_workers_early())
+            and item_seconds * n_left >= EARLY_START_SECONDS):
+        return _start_workers_early()
+    return False
 
 
 def _sampled_item_cost(wall_seconds: float, cpu_seconds: float,
                        n_total: int | None) -> float | None:
-    # The sampler calls this after its second item: two items ran, the rest are left.
+    # The sampler calls this after its second item: two items ran, the rest are left. The
+    # seconds returned end its sample: started workers wait for the plan.
     n_left = None if n_total is None else n_total - 2
-    return EARLY_SAMPLE_SECONDS if _start_early_if_worth_it(wall_seconds, cpu_seconds,
-                                                            n_left) else None
+    started = _start_early_if_worth_it(wall_seconds, cpu_seconds, n_left)
+    return EARLY_SAMPLE_SECONDS if started else None
 
 
 def _quick_allowed(config: Config | None, options: dict[str, Any]) -> bool:

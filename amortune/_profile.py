@@ -201,9 +201,9 @@ def sample(
     ``on_item_cost(wall_seconds, cpu_seconds, n_total)`` is called once, after the second item
     (the first call's one-off apart) with that item's times, so the caller can start workers
     while the rest of the sample runs; when it returns seconds, the sample ends that long after
-    the second item (started workers wait for the plan); for an input without a length the read-ahead is done
-    right after the first item, so ``n_total`` is known there when the input is not longer than
-    the read-ahead (``None`` otherwise). ``runqueue_clock`` (default: the
+    the second item (started workers wait for the plan). For an input without a length the
+    read-ahead is done right after the first item, so ``n_total`` is known there when the input
+    is not longer than the read-ahead (``None`` otherwise). ``runqueue_clock`` (default: the
     kernel's per-thread run-queue time) lets the time the caller waited for a busy CPU be told
     apart from time the function spent waiting.
     An exception from ``func`` propagates with the item's index in a note.
