@@ -90,30 +90,13 @@ def _start_workers_early() -> bool:
     return True
 
 
-def _start_early_if_worth_it(item_seconds: float, cpu_seconds: float,
-                             n_left: int | None) -> bool:
-    """Fork the warm pool now when ``n_left`` items that compute (``cpu_seconds`` of each
-    ``item_seconds`` at least ``WAITING_CPU_SHARE``) leave ``EARLY_START_SECONDS`` of work;
-    True when it did (the sample that follows is then cut short: the workers wait for it).
-
-    Called after the first look, and by the sampler on its second item for an input the first
-    look could not take (no length) once the read-ahead knows how long it is."""
-    from ._quick import WAITING_CPU_SHARE
-
-    if (n_left is not None and item_seconds > 0
-            and cpu_seconds / item_seconds >= WAITING_CPU_SHARE
-            and item_seconds * n_left >= EARLY_START_SECONDS):
+def _start_early_if_worth_it(item_seconds: float, n_left: int) -> bool:
+    """After the first look: fork the warm pool now when ``n_left`` items that compute leave
+    ``EARLY_START_SECONDS`` of work; True when it did (the sample that follows is then cut
+    short: the workers wait for it)."""
+    if item_seconds * n_left >= EARLY_START_SECONDS:
         return _start_workers_early()
     return False
-
-
-def _sampled_item_cost(wall_seconds: float, cpu_seconds: float,
-                       n_total: int | None) -> float | None:
-    # The sampler calls this after its second item: two items ran, the rest are left. The
-    # seconds returned end its sample: started workers wait for the plan.
-    n_left = None if n_total is None else n_total - 2
-    started = _start_early_if_worth_it(wall_seconds, cpu_seconds, n_left)
-    return EARLY_SAMPLE_SECONDS if started else None
 
 
 def _quick_allowed(config: Config | None, options: dict[str, Any]) -> bool:
@@ -211,10 +194,10 @@ def execute(
     if _quick_allowed(config, options):
         if not callable(func):
             raise TypeError(f"func must be callable, got {type(func).__name__}")
-        from ._quick import WAITING_CPU_SHARE, WAITING_SAMPLE_SECONDS, quick_serial
+        from ._quick import WAITING_CPU_SHARE, WAITING_SAMPLE_SECONDS, buffer_if_short, quick_serial
 
+        data = buffer_if_short(data)  # a short generator is judged as a list
         quick = quick_serial(func, data, threshold_seconds=_threshold())
-        options["early_start"] = quick is None  # no length: the sampler may start workers
         if quick is not None:
             if quick.rest is None:
                 return quick.results
@@ -229,8 +212,7 @@ def execute(
             budget = WAITING_SAMPLE_SECONDS if waiting else Config.sample_seconds
             options["sample_seconds"] = max(WAITING_SAMPLE_SECONDS, budget - quick.seconds)
             options["waiting"] = waiting  # threads are likely: pickle func only if not
-            if not waiting and _start_early_if_worth_it(quick.item_seconds, quick.item_seconds,
-                                                        quick.n_rest):
+            if not waiting and _start_early_if_worth_it(quick.item_seconds, quick.n_rest or 0):
                 options["sample_seconds"] = EARLY_SAMPLE_SECONDS
     options["initargs"] = initargs
     parts = _run(func, data, options, config, len(results), ordered=True)
@@ -334,9 +316,7 @@ def _run(func: Callable[..., Any], data: Iterable[Any], options: dict[str, Any],
                                else pins.get("n_jobs")),
                        chunksize=options["chunksize"],
                        executor=options["backend"] or options["executor"] or pins.get("executor"),
-                       start_index=offset, lazy_function_probe=bool(options.get("waiting")),
-                       on_item_cost=(_sampled_item_cost if options.get("early_start")
-                                     else None))
+                       start_index=offset, lazy_function_probe=bool(options.get("waiting")))
     _warn(run)
     first = run.sampled.results
     progress, callback = options["progress"], options["progress_callback"]

@@ -49,11 +49,13 @@ THREAD_DISPATCH_SECONDS = 30e-6
 #: Starting one thread: 85-800 µs measured (benchmarks/calibrate.py). Threads start one another
 #: while work is queued, so ``P`` threads are up after ``ceil(log2 P) + 1`` starts, not ``P``.
 THREAD_START_SECONDS = 150e-6
-#: A fresh process's first parallel run imports the planner, the engine and multiprocessing
-#: before any worker starts: 30-50 ms on the reference machine (``python -X importtime``). The
-#: first plan in a process counts it in its predicted time, so the prediction is what the call
-#: will take, not what a warm process would.
+#: A fresh process's first process plan imports the engine, multiprocessing and the process
+#: backend before any worker starts: 20-50 ms on the reference machines (``python -X
+#: importtime``). Every process plan counts it while those are not loaded (``Costs``), so a job
+#: that would save less than them stays serial, and the prediction is what the call will take.
 ENGINE_IMPORT_SECONDS = 0.03
+#: A thread plan's share of those: the engine and the thread backend, no multiprocessing (3-6 ms).
+THREAD_IMPORT_SECONDS = 0.005
 #: Pipe throughput between caller and worker (send_bytes/recv_bytes of 1-64 MB): 0.5-1.4 GB/s.
 PIPE_BYTES_PER_SECOND = 1.0e9
 #: Unpickling costs about as much as pickling for arrays and common containers.
@@ -121,6 +123,10 @@ class Costs:
     dispatch_seconds: float = PROCESS_DISPATCH_SECONDS
     #: Slots the backend offers (a cluster's threads); ``None``: the usable cores.
     max_slots: int | None = None
+    #: Imports a process or a thread plan still has to pay in this process before its first
+    #: item runs (a fresh process's first parallel run; 0 once loaded).
+    process_import_seconds: float = 0.0
+    thread_import_seconds: float = 0.0
 
 
 @record(frozen=True)
@@ -222,18 +228,20 @@ def predict_process_seconds(
     # The caller competes with the workers for the same cores.
     cpu_bound = (caller + n_items * cpu_item) / max(costs.usable_cores, 1)
     new_workers = max(0, n_jobs - costs.warm_workers)
-    start = 0.0
+    start = costs.process_import_seconds
     if new_workers:
-        start = (costs.process_start_seconds if costs.warm_workers == 0 else 0.0) + (
+        start += (costs.process_start_seconds if costs.warm_workers == 0 else 0.0) + (
             new_workers * costs.per_worker_start_seconds
         )
     return start + max(caller, workers, cpu_bound) + _tail_seconds(p)
 
 
 def predict_thread_seconds(
-    p: WorkloadProfile, n_items: int, n_threads: int, chunksize: int
+    p: WorkloadProfile, n_items: int, n_threads: int, chunksize: int,
+    import_seconds: float = 0.0,
 ) -> float:
-    """Predicted wall time on ``n_threads`` threads: CPU time is serialised by the GIL."""
+    """Predicted wall time on ``n_threads`` threads: CPU time is serialised by the GIL;
+    ``import_seconds`` is what the thread backend's imports still cost this process."""
     if n_items <= 0:
         return 0.0
     chunks = math.ceil(n_items / chunksize)
@@ -241,7 +249,7 @@ def predict_thread_seconds(
     gil = n_items * (p.item_cpu_seconds if cpu_share < IO_BOUND_CPU_SHARE else p.item_wall_seconds)
     spread = n_items * p.item_wall_seconds / n_threads
     starts = math.ceil(math.log2(max(1, n_threads))) + 1  # each running thread starts one more
-    overhead = chunks * THREAD_DISPATCH_SECONDS + starts * THREAD_START_SECONDS
+    overhead = chunks * THREAD_DISPATCH_SECONDS + starts * THREAD_START_SECONDS + import_seconds
     return max(gil, spread) + overhead + _tail_seconds(p)
 
 
@@ -355,7 +363,8 @@ def decide(
                            "over wall time); workers share the cores with its threads")
     for n in _thread_counts(costs.max_threads, remaining, cores) if worth_it else ():
         c = thread_chunksize(p, max(remaining, 1), n)
-        candidates.append(("threads", n, c, predict_thread_seconds(p, remaining, n, c)))
+        candidates.append(("threads", n, c, predict_thread_seconds(
+            p, remaining, n, c, costs.thread_import_seconds)))
 
     pinned = [
         cand
@@ -379,7 +388,7 @@ def decide(
             if kind == "processes":
                 t = predict_process_seconds(p, remaining, n, c, costs)
             elif kind == "threads":
-                t = predict_thread_seconds(p, remaining, n, c)
+                t = predict_thread_seconds(p, remaining, n, c, costs.thread_import_seconds)
             else:
                 t = serial_rest
             pinned = [(kind, n, c, t)]
@@ -401,10 +410,15 @@ def decide(
     if chunksize is not None and kind != "serial":
         c = chunksize
         t = (predict_process_seconds(p, remaining, n, c, costs) if kind == "processes"
-             else predict_thread_seconds(p, remaining, n, c))
+             else predict_thread_seconds(p, remaining, n, c, costs.thread_import_seconds))
     thread_cap = max(1, cores // n) if kind == "processes" else None
     if kind == "processes" and thread_cap is not None:
         reasons.append(f"native thread pools in workers limited to {thread_cap} thread(s) each")
+    imports = {"processes": costs.process_import_seconds,
+               "threads": costs.thread_import_seconds}.get(kind, 0.0)
+    if imports:
+        reasons.append(f"the prediction includes ~{imports * 1e3:.0f} ms of imports this process "
+                       "pays once, for its first parallel run")
     return Decision(
         executor=kind,
         n_jobs=n if kind != "serial" else 1,

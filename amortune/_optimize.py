@@ -14,7 +14,14 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from ._config import Config
-from ._model import ENGINE_IMPORT_SECONDS, PROCESS_DISPATCH_SECONDS, Costs, Decision, decide
+from ._model import (
+    ENGINE_IMPORT_SECONDS,
+    PROCESS_DISPATCH_SECONDS,
+    THREAD_IMPORT_SECONDS,
+    Costs,
+    Decision,
+    decide,
+)
 from ._plan import OptimizationResult
 from ._profile import Sampled, finish_function_probe, sample, unsampled
 from ._record import record, replace
@@ -23,10 +30,6 @@ from .backends import Backend, resolve_backend
 from .backends._start import choose_start, start_cost
 
 __all__ = ["PlannedRun", "normalise_n_jobs", "optimize", "plan_run"]
-
-#: True until this process has made a plan (a fresh process pays the engine's imports once).
-_FIRST_PLAN = True
-
 
 @record()
 class PlannedRun:
@@ -79,9 +82,16 @@ def _costs(config: Config, system: SystemSnapshot, backend: Backend | None) -> C
         pool = peek_warm_pool(config.start_method)
         warm = pool.warm_workers if pool is not None else 0
     first, per = start_cost(choose_start(config.start_method).first)
+    # What a parallel run still has to import here (a fresh process's first one): not paid yet,
+    # so a job that would save less than it stays serial.
+    loaded = sys.modules
     return Costs(**common, process_start_seconds=first,  # type: ignore[arg-type]
                  per_worker_start_seconds=per, warm_workers=warm,
-                 dispatch_seconds=PROCESS_DISPATCH_SECONDS)
+                 dispatch_seconds=PROCESS_DISPATCH_SECONDS,
+                 process_import_seconds=(0.0 if "amortune.backends.processes" in loaded
+                                         else ENGINE_IMPORT_SECONDS),
+                 thread_import_seconds=(0.0 if "amortune.backends.threads" in loaded
+                                        else THREAD_IMPORT_SECONDS))
 
 
 def plan_run(
@@ -94,14 +104,12 @@ def plan_run(
     executor: Any = None,
     start_index: int = 0,
     lazy_function_probe: bool = False,
-    on_item_cost: Callable[[float, float, int | None], float | None] | None = None,
 ) -> PlannedRun:
     """Sample ``func`` on ``data`` and decide how to run the rest.
 
     ``executor`` is a backend spec (``backend=``): a built-in name, a :class:`Backend`, or an
     object a registered backend recognises. ``lazy_function_probe`` (items that wait: threads
     are likely) pickles ``func`` only if the plan turns out to need processes.
-    ``on_item_cost`` is handed to :func:`~amortune._profile.sample`.
     """
     if not callable(func):
         raise TypeError(f"func must be callable, got {type(func).__name__}")
@@ -156,8 +164,7 @@ def plan_run(
     if sampled is None:
         sampled = sample(func, data, config, start_index=start_index,
                          probe_function=not (lazy_function_probe and executor is None
-                                             and backend is None),
-                         on_item_cost=on_item_cost)
+                                             and backend is None))
     if (executor == "processes" or backend is not None) and not sampled.profile.picklable:
         warnings.append(f"cannot use {'processes' if backend is None else backend.name}: "
                         f"{sampled.profile.not_picklable_reason}; running serially instead")
@@ -179,14 +186,6 @@ def plan_run(
         if not sampled.profile.picklable:
             warnings.append(_cannot_travel())
             decision = _decide()
-    global _FIRST_PLAN
-    if _FIRST_PLAN and decision.executor != "serial":
-        # This process has just paid the engine's imports: the call takes that much longer.
-        decision = replace(
-            decision, predicted_seconds=decision.predicted_seconds + ENGINE_IMPORT_SECONDS,
-            reasons=(*decision.reasons, f"the prediction includes ~{ENGINE_IMPORT_SECONDS * 1e3:.0f} "
-                     "ms of imports this process pays once, for its first parallel run"))
-    _FIRST_PLAN = False
     n_items = (sampled.profile.n_sampled + sampled.n_remaining
                if sampled.n_remaining_known else None)
     # A re-iterable input is handed back as is; a one-shot iterator is chained back together

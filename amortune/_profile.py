@@ -182,7 +182,6 @@ def sample(
     config: Config,
     *,
     parallel_floor_seconds: float = PARALLEL_FLOOR_SECONDS,
-    on_item_cost: Callable[[float, float, int | None], float | None] | None = None,
     clock: Callable[[], float] = time.perf_counter,
     cpu_clock: Callable[[], float] = time.process_time,
     runqueue_clock: Callable[[], float] | None = None,
@@ -197,15 +196,10 @@ def sample(
     ``probe_function=False`` leaves the function itself unpickled (a ``__main__`` function needs
     cloudpickle, whose import is ~10 ms of a one-shot script): for items that wait, whose plan is
     threads unless the model says otherwise, and then :func:`finish_function_probe` pickles
-    it.
-    ``on_item_cost(wall_seconds, cpu_seconds, n_total)`` is called once, after the second item
-    (the first call's one-off apart) with that item's times, so the caller can start workers
-    while the rest of the sample runs; when it returns seconds, the sample ends that long after
-    the second item (started workers wait for the plan). For an input without a length the
-    read-ahead is done right after the first item, so ``n_total`` is known there when the input
-    is not longer than the read-ahead (``None`` otherwise). ``runqueue_clock`` (default: the
-    kernel's per-thread run-queue time) lets the time the caller waited for a busy CPU be told
-    apart from time the function spent waiting.
+    it. An input without a length is read ahead right after its first item (the buffer's
+    bound depends on its size). ``runqueue_clock`` (default: the kernel's per-thread run-queue
+    time) lets the time the caller waited for a busy CPU be told apart from time the function
+    spent waiting.
     An exception from ``func`` propagates with the item's index in a note.
     """
     n_total = count_items(data)
@@ -269,10 +263,6 @@ def sample(
                 early = collections.deque(buffered)
                 if len(buffered) < ahead:
                     early_total = 1 + len(buffered)
-        elif len(results) == 2 and on_item_cost is not None:
-            cut = on_item_cost(walls[1], cpus[1], n_total if n_total is not None else early_total)
-            if cut is not None:
-                deadline = min(deadline, t1 + cut)
         if len(results) >= limit or t1 >= deadline:
             break
     sampled_wall = clock() - start

@@ -7,7 +7,9 @@ input is predicted to take less than :data:`SERIAL_CERTAIN_FACTOR` times that, s
 whatever the model would add. This module times the first items itself (the first call apart:
 an import or a cache fill is paid once), runs the rest in growing chunks while re-checking the
 rate, and hands over to the full planner with every result so far the moment the remaining work
-could pay for workers (costs that grow along the input). Imports ``time`` and ``itertools`` only.
+could pay for workers (costs that grow along the input). An input without a length is read
+ahead first (:func:`buffer_if_short`): a short one is judged the same way. Imports ``time`` and
+``itertools`` only (``pickle`` to size an input without a length).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from typing import Any
 
 from ._serde import note_item
 
-__all__ = ["QuickOutcome", "quick_serial"]
+__all__ = ["QuickOutcome", "buffer_if_short", "quick_serial"]
 
 #: The cheapest pool start there is: forking two workers from a single-threaded caller and
 #: getting their first replies takes 5-15 ms on the reference machine.
@@ -44,6 +46,11 @@ MIN_PARALLEL_ITEM_SECONDS = 1e-6
 #: is not imported here: the first look must stay cheap); tests/test_model.py keeps them equal.
 PIPE_BYTES_PER_SECOND = 1.0e9
 MIN_SPEEDUP = 1.2
+#: An input without a length is read ahead this far (items, and bytes pickled as its first item)
+#: to learn whether it is short; the same bounds as the sampler's read-ahead
+#: (``_profile.READ_AHEAD_ITEMS``/``READ_AHEAD_BYTES``), kept equal by tests/test_profile.py.
+READ_AHEAD_ITEMS = 4096
+READ_AHEAD_BYTES = 64 << 20
 
 
 class QuickOutcome:
@@ -82,6 +89,50 @@ def _stopped() -> RuntimeError:
                         "end of the input")
 
 
+def _pickled_size(item: Any) -> int:
+    nbytes = getattr(item, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    import pickle  # only for inputs without a length
+
+    try:
+        return len(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+    except Exception:
+        import sys
+
+        return sys.getsizeof(item)
+
+
+def _raises(exc: Exception) -> Iterator[Any]:
+    raise exc
+    yield  # pragma: no cover - makes this a generator
+
+
+def buffer_if_short(data: Iterable[Any]) -> Iterable[Any]:
+    """``data`` itself when it has a length; else its items in a list when it ends within the
+    read-ahead bounds, so the first look can judge it; else an iterator over the items read and
+    the rest (an error of the input itself is raised where it happened, after the items before).
+    """
+    try:
+        len(data)  # type: ignore[arg-type]
+        return data
+    except TypeError:
+        pass
+    it = iter(data)
+    items: list[Any] = []
+    try:
+        items.extend(itertools.islice(it, 1))
+        if not items:
+            return items
+        limit = max(1, min(READ_AHEAD_ITEMS, READ_AHEAD_BYTES // max(1, _pickled_size(items[0]))))
+        items.extend(itertools.islice(it, limit))
+    except Exception as exc:
+        return itertools.chain(items, _raises(exc))
+    if len(items) <= limit:
+        return items
+    return itertools.chain(items, it)
+
+
 def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
                  threshold_seconds: float = SERIAL_CERTAIN_FACTOR * (
                      CHEAPEST_START_SECONDS + ENGINE_IMPORT_SECONDS),
@@ -89,8 +140,8 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
                  cpu_clock: Callable[[], float] = time.thread_time) -> QuickOutcome | None:
     """Run ``func`` over ``data`` in the caller while that is certainly the fastest way.
 
-    Returns ``None`` without running anything for inputs without a length (the planner reads
-    ahead to learn it); otherwise a :class:`QuickOutcome` whose ``rest`` is ``None`` when every
+    Returns ``None`` without running anything for inputs without a length (see
+    :func:`buffer_if_short`); otherwise a :class:`QuickOutcome` whose ``rest`` is ``None`` when every
     item ran here, or the items left when the rest could pay for workers.
     """
     try:

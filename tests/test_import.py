@@ -187,6 +187,21 @@ def test_a_finished_threads_run_leaves_the_process_free_to_fork() -> None:
     assert proc.stdout.split() == ["fork", "1"]
 
 
+@pytest.mark.parametrize("shape", ["range(2000)", "(i for i in range(2000))"])
+def test_a_serial_verdict_on_a_small_input_loads_the_first_look_only(shape: str) -> None:
+    # A short generator is read ahead and judged like a list: no planner, engine or pool.
+    code = (
+        "import sys, json, amortune\n"
+        "from tests import tasks\n"
+        f"assert amortune.execute(tasks.square, {shape}) == [i * i for i in range(2000)]\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('amortune'))))"
+    )
+    proc = python(code)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == ["amortune", "amortune._execute", "amortune._quick",
+                                       "amortune._serde"]
+
+
 def test_import_loads_only_the_init_module() -> None:
     code = (
         "import sys, json, amortune\n"

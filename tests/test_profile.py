@@ -214,50 +214,72 @@ def test_nothing_lost_or_duplicated(n: int, sample_items: int, read_ahead: int, 
         assert s.n_remaining == read_ahead <= n - sampled
 
 
-@pytest.mark.parametrize(("shape", "n", "total"), [
-    ("list", 50, 50),
-    ("generator", 50, 50),  # the read-ahead, done after the first item, knows its length
-    ("generator", READ_AHEAD_ITEMS + 10, None),  # longer than the read-ahead: unknown
-    ("generator", 1, "not called"),
-])
-def test_the_item_cost_hook_comes_after_the_second_item_with_the_total(
-        shape: str, n: int, total: int | str | None) -> None:
-    clock = VirtualClock()
-    calls: list[tuple[float, float, int | None]] = []
-    data: Any = list(range(n)) if shape == "list" else (i for i in range(n))
-    first = [True]
+def test_the_first_look_reads_ahead_as_far_as_the_sampler() -> None:
+    from amortune import _profile, _quick
 
-    def func(x: int) -> int:
-        clock.work(0.5 if first[0] else 0.002, cpu_share=0.5)  # a one-off first call
-        first[0] = False
-        return x
-
-    s = run(clock, func, data, Config(sample_items=6, sample_seconds=1e9),
-            on_item_cost=lambda w, c, t: calls.append((w, c, t)))
-    if total == "not called":
-        assert calls == []
-        return
-    assert len(calls) == 1
-    wall, cpu, got = calls[0]
-    assert wall == pytest.approx(0.002) and cpu == pytest.approx(0.001)  # the second item's
-    assert got == total
-    assert s.results == list(range(min(n, 6)))
-    assert list(s.remaining_items()) == list(range(min(n, 6), n))
+    assert _quick.READ_AHEAD_ITEMS == _profile.READ_AHEAD_ITEMS
+    assert _quick.READ_AHEAD_BYTES == _profile.READ_AHEAD_BYTES
 
 
-@pytest.mark.parametrize("shape", ["list", "generator"])
-@pytest.mark.parametrize("cut", [None, 0.005, 1e-4])
-def test_the_hook_can_cut_the_sample_short_after_the_second_item(
-        shape: str, cut: float | None) -> None:
-    """Workers started by the hook wait for the plan: seconds returned end the sample that long
-    after the second item, so at least three items run; None leaves the budget as it was."""
-    clock = VirtualClock()
-    data: Any = list(range(100)) if shape == "list" else (i for i in range(100))
-    s = run(clock, clock.task(0.002), data, Config(sample_items=64, sample_seconds=1.0),
-            on_item_cost=lambda w, c, t: cut)
-    expected = {None: 64, 0.005: 5, 1e-4: 3}[cut]  # 2 ms items: the 5th ends 6 ms after the 2nd
-    assert [x for x, _ in s.results] == list(range(expected))
-    assert list(s.remaining_items()) == list(range(expected, 100))
+@pytest.mark.parametrize("n", [0, 1, 50, READ_AHEAD_ITEMS])
+def test_a_short_input_without_a_length_becomes_a_list(n: int) -> None:
+    from amortune._quick import buffer_if_short
+
+    got = buffer_if_short(i for i in range(n))
+    assert isinstance(got, list) and got == list(range(n))
+
+
+def test_a_long_input_without_a_length_is_read_a_bounded_way_and_chained_back() -> None:
+    from amortune._quick import buffer_if_short
+
+    pulled: list[int] = []
+
+    def endless() -> Iterator[int]:
+        for i in itertools.count():
+            pulled.append(i)
+            yield i
+
+    got = buffer_if_short(endless())
+    assert not isinstance(got, list)
+    assert len(pulled) == READ_AHEAD_ITEMS + 1
+    assert list(itertools.islice(got, READ_AHEAD_ITEMS + 100)) == list(range(READ_AHEAD_ITEMS + 100))
+
+
+def test_big_items_without_a_length_are_read_ahead_by_bytes() -> None:
+    from amortune._quick import READ_AHEAD_BYTES, buffer_if_short
+
+    pulled: list[int] = []
+
+    def arrays() -> Iterator[np.ndarray]:
+        for i in range(1000):
+            pulled.append(i)
+            yield np.full(1 << 20, i % 256, dtype=np.uint8)  # 1 MiB each
+
+    got = buffer_if_short(arrays())
+    assert not isinstance(got, list)
+    assert len(pulled) == 1 + READ_AHEAD_BYTES // (1 << 20)  # 64 MiB ahead, not 1000 MiB
+    assert [int(a[0]) for a in got] == [i % 256 for i in range(1000)]
+
+
+def test_sized_inputs_pass_through_untouched() -> None:
+    from amortune._quick import buffer_if_short
+
+    data = range(10)
+    assert buffer_if_short(data) is data
+
+
+def test_an_input_that_fails_while_read_ahead_fails_in_its_place() -> None:
+    """As in ``map``: the items before the failure are still there, then the input's error."""
+    from amortune._quick import buffer_if_short
+
+    def broken() -> Iterator[int]:
+        yield from range(5)
+        raise OSError("disk gone")
+
+    got = iter(buffer_if_short(broken()))
+    assert list(itertools.islice(got, 5)) == list(range(5))
+    with pytest.raises(OSError, match="disk gone"):
+        next(got)
 
 
 # -- pickling is measured only when parallel could pay -------------------------------------------
