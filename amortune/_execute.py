@@ -108,19 +108,29 @@ def _quick_allowed(config: Config | None, options: dict[str, Any]) -> bool:
             and not any(k in os.environ for k in _ENV_KEYS) and not recording)
 
 
-def _threshold() -> float:
-    """Serial-for-certain threshold: lower when a warm pool is already running."""
+def _thresholds() -> tuple[float, float]:
+    """Serial-for-certain thresholds of the first look, for items that compute and for items
+    that wait (threads start in a fraction of a millisecond): lower once a pool is warm."""
     import sys
 
-    from ._quick import CHEAPEST_START_SECONDS, ENGINE_IMPORT_SECONDS, SERIAL_CERTAIN_FACTOR
+    from ._quick import (
+        CHEAPEST_START_SECONDS,
+        CHEAPEST_THREAD_START_SECONDS,
+        ENGINE_IMPORT_SECONDS,
+        PARALLEL_FLOOR_SECONDS,
+        SERIAL_CERTAIN_FACTOR,
+        THREAD_IMPORT_SECONDS,
+    )
 
-    warm = sys.modules.get("amortune.backends._warm")
+    loaded = sys.modules
+    threads = 0.0 if "amortune.backends.threads" in loaded else THREAD_IMPORT_SECONDS
+    waiting = max(PARALLEL_FLOOR_SECONDS,
+                  SERIAL_CERTAIN_FACTOR * (CHEAPEST_THREAD_START_SECONDS + threads))
+    warm = loaded.get("amortune.backends._warm")
     if warm is not None and any(p.alive for p in warm.all_warm_pools()):
-        from ._model import PARALLEL_FLOOR_SECONDS
-
-        return PARALLEL_FLOOR_SECONDS
-    imports = 0.0 if "amortune._engine" in sys.modules else ENGINE_IMPORT_SECONDS
-    return SERIAL_CERTAIN_FACTOR * (CHEAPEST_START_SECONDS + imports)
+        return PARALLEL_FLOOR_SECONDS, waiting
+    imports = 0.0 if "amortune.backends.processes" in loaded else ENGINE_IMPORT_SECONDS
+    return SERIAL_CERTAIN_FACTOR * (CHEAPEST_START_SECONDS + imports), waiting
 
 
 def execute(
@@ -197,7 +207,9 @@ def execute(
         from ._quick import WAITING_CPU_SHARE, WAITING_SAMPLE_SECONDS, buffer_if_short, quick_serial
 
         data = buffer_if_short(data)  # a short generator is judged as a list
-        quick = quick_serial(func, data, threshold_seconds=_threshold())
+        computing, waiting = _thresholds()
+        quick = quick_serial(func, data, threshold_seconds=computing,
+                             waiting_threshold_seconds=waiting)
         if quick is not None:
             if quick.rest is None:
                 return quick.results

@@ -24,9 +24,7 @@ __all__ = [
     "fmt_bytes",
     "fmt_seconds",
     "predict_process_seconds",
-    "internal_threads",
     "process_chunksize",
-    "worker_item_seconds",
     "thread_chunksize",
     "predict_thread_seconds",
     "project_rising_costs",
@@ -166,25 +164,6 @@ def estimate_safe_batch_size_for(
     return max(1, int(max_memory_percent * available_memory_bytes // result_size_bytes))
 
 
-def internal_threads(p: WorkloadProfile) -> float:
-    """How many cores one call keeps busy by itself (CPU time over wall time, at least 1).
-
-    A function that is multithreaded inside (BLAS, a GIL-free extension) shows more CPU time than
-    wall time; running several of them at once only divides the same cores.
-    """
-    if p.item_wall_seconds <= 0:
-        return 1.0
-    return max(1.0, p.item_cpu_seconds / p.item_wall_seconds)
-
-
-def worker_item_seconds(p: WorkloadProfile, thread_cap: int) -> float:
-    """An item's wall time in a worker whose native threads are capped at ``thread_cap``."""
-    inner = internal_threads(p)
-    if inner <= 1.05:
-        return p.item_wall_seconds
-    return p.item_cpu_seconds / max(1.0, min(inner, float(thread_cap)))
-
-
 def process_chunksize(p: WorkloadProfile, n_items: int, n_jobs: int, target: float,
                       dispatch_seconds: float = PROCESS_DISPATCH_SECONDS) -> int:
     per_item = p.item_wall_seconds + p.pickle_in_seconds + p.pickle_out_seconds
@@ -220,9 +199,7 @@ def predict_process_seconds(
         + unpickle * p.pickle_out_seconds
         + (p.in_bytes + p.out_bytes) / PIPE_BYTES_PER_SECOND
     ) + chunks * costs.dispatch_seconds
-    cap = max(1, max(costs.usable_cores, 1) // max(n_jobs, 1))
-    worker_item = (worker_item_seconds(p, cap) + unpickle * p.pickle_in_seconds
-                   + p.pickle_out_seconds)
+    worker_item = p.item_wall_seconds + unpickle * p.pickle_in_seconds + p.pickle_out_seconds
     workers = n_items * worker_item / n_jobs
     cpu_item = p.item_cpu_seconds + unpickle * p.pickle_in_seconds + p.pickle_out_seconds
     # The caller competes with the workers for the same cores.
@@ -358,9 +335,6 @@ def decide(
             c = process_chunksize(p, max(remaining, 1), n, costs.target_chunk_seconds,
                                   costs.dispatch_seconds)
             candidates.append(("processes", n, c, predict_process_seconds(p, remaining, n, c, costs)))
-        if internal_threads(p) > 1.5:
-            reasons.append(f"func keeps {internal_threads(p):.1f} cores busy by itself (CPU time "
-                           "over wall time); workers share the cores with its threads")
     for n in _thread_counts(costs.max_threads, remaining, cores) if worth_it else ():
         c = thread_chunksize(p, max(remaining, 1), n)
         candidates.append(("threads", n, c, predict_thread_seconds(

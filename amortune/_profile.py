@@ -183,7 +183,7 @@ def sample(
     *,
     parallel_floor_seconds: float = PARALLEL_FLOOR_SECONDS,
     clock: Callable[[], float] = time.perf_counter,
-    cpu_clock: Callable[[], float] = time.process_time,
+    cpu_clock: Callable[[], float] = time.thread_time,
     runqueue_clock: Callable[[], float] | None = None,
     start_index: int = 0,
     probe_function: bool = True,
@@ -197,9 +197,11 @@ def sample(
     cloudpickle, whose import is ~10 ms of a one-shot script): for items that wait, whose plan is
     threads unless the model says otherwise, and then :func:`finish_function_probe` pickles
     it. An input without a length is read ahead right after its first item (the buffer's
-    bound depends on its size). ``runqueue_clock`` (default: the kernel's per-thread run-queue
-    time) lets the time the caller waited for a busy CPU be told apart from time the function
-    spent waiting.
+    bound depends on its size). CPU time is the calling thread's (``cpu_clock``): what other
+    threads burn meanwhile says nothing of the items (OpenBLAS's threads spin for ~50 ms after
+    ``import numpy``, so a script's first map of waiting items looked busy). ``runqueue_clock``
+    (default: the kernel's per-thread run-queue time) lets the time the caller waited for a busy
+    CPU be told apart from time the function spent waiting.
     An exception from ``func`` propagates with the item's index in a note.
     """
     n_total = count_items(data)

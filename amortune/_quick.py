@@ -29,6 +29,13 @@ CHEAPEST_START_SECONDS = 0.01
 #: In a fresh process, going parallel first imports the planner, the engine and multiprocessing:
 #: 30-50 ms on the reference machine (``python -X importtime``), paid before any worker starts.
 ENGINE_IMPORT_SECONDS = 0.03
+#: Threads need no fork: the thread backend's imports (the engine, no multiprocessing; the same
+#: number as ``_model.THREAD_IMPORT_SECONDS``, kept equal by tests/test_model.py) and a few
+#: thread starts with a first round of chunks (~1 ms).
+THREAD_IMPORT_SECONDS = 0.005
+CHEAPEST_THREAD_START_SECONDS = 0.001
+#: Below this much serial work no plan goes parallel (``_model.PARALLEL_FLOOR_SECONDS``).
+PARALLEL_FLOOR_SECONDS = 0.01
 #: With 2 cores and the 1.2x rule, parallel can only win once the serial rest exceeds
 #: 1.2 * start / (1 - 1.2 / cores) = 3 starts; above that the full model decides.
 SERIAL_CERTAIN_FACTOR = 3.0
@@ -136,9 +143,14 @@ def buffer_if_short(data: Iterable[Any]) -> Iterable[Any]:
 def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
                  threshold_seconds: float = SERIAL_CERTAIN_FACTOR * (
                      CHEAPEST_START_SECONDS + ENGINE_IMPORT_SECONDS),
+                 waiting_threshold_seconds: float | None = None,
                  clock: Callable[[], float] = time.perf_counter,
                  cpu_clock: Callable[[], float] = time.thread_time) -> QuickOutcome | None:
     """Run ``func`` over ``data`` in the caller while that is certainly the fastest way.
+
+    The rest is handed over once it is predicted to take more than ``threshold_seconds``, or
+    ``waiting_threshold_seconds`` while items spend under ``WAITING_CPU_SHARE`` of their time on
+    this thread's CPU (threads, which cost far less to start, may overlap their waiting).
 
     Returns ``None`` without running anything for inputs without a length (see
     :func:`buffer_if_short`); otherwise a :class:`QuickOutcome` whose ``rest`` is ``None`` when every
@@ -178,7 +190,10 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
             # A chunk shorter than MIN_TIMED_SECONDS is mostly the loop's own overhead: keep
             # doubling until the rate is measured, then judge the rest by it.
             timed = took >= MIN_TIMED_SECONDS or size >= MIN_TIMED_ITEMS
-            if (timed and left * per_item > threshold_seconds
+            limit = threshold_seconds
+            if waiting_threshold_seconds is not None and cpu < WAITING_CPU_SHARE * spent:
+                limit = waiting_threshold_seconds
+            if (timed and left * per_item > limit
                     and per_item >= MIN_PARALLEL_ITEM_SECONDS
                     and not _moving_costs_more(out[-1], per_item)
                     and not _moving_costs_more(first_input, per_item)):

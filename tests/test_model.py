@@ -524,6 +524,8 @@ def test_the_first_look_uses_the_models_constants() -> None:
     assert _quick.PIPE_BYTES_PER_SECOND == _model.PIPE_BYTES_PER_SECOND
     assert _quick.MIN_SPEEDUP == _model.MIN_SPEEDUP
     assert _quick.ENGINE_IMPORT_SECONDS == _model.ENGINE_IMPORT_SECONDS
+    assert _quick.THREAD_IMPORT_SECONDS == _model.THREAD_IMPORT_SECONDS
+    assert _quick.PARALLEL_FLOOR_SECONDS == _model.PARALLEL_FLOOR_SECONDS
 
 
 def test_items_under_the_first_looks_floor_never_go_parallel() -> None:
@@ -553,6 +555,30 @@ def test_the_first_look_keeps_cheap_items_in_the_caller_even_with_a_warm_pool() 
     got = quick_serial(cheap, range(200_000), threshold_seconds=0.01, clock=lambda: now[0],
                        cpu_clock=lambda: now[0])
     assert got is not None and got.rest is None and len(got.results) == 200_000
+
+
+@pytest.mark.parametrize(("cpu_share", "handed_over"), [(1.0, False), (0.02, True)])
+def test_the_first_look_hands_waiting_items_to_threads_sooner(cpu_share: float,
+                                                               handed_over: bool) -> None:
+    """20 items of 5 ms: 100 ms in all, under the 120 ms a fresh process's workers must beat,
+    but far over what threads cost to start when the items wait (sleep, I/O)."""
+    from amortune._quick import quick_serial
+
+    wall, cpu = [0.0], [0.0]
+
+    def item(x: int) -> int:
+        wall[0] += 0.005
+        cpu[0] += 0.005 * cpu_share
+        return x
+
+    got = quick_serial(item, range(20), threshold_seconds=0.12, waiting_threshold_seconds=0.018,
+                       clock=lambda: wall[0], cpu_clock=lambda: cpu[0])
+    assert got is not None
+    if handed_over:
+        assert got.rest is not None and got.n_rest == 18 and got.cpu_share == pytest.approx(0.02)
+        assert got.results == [0, 1] and list(got.rest) == list(range(2, 20))
+    else:
+        assert got.rest is None and got.results == list(range(20))
 
 
 def test_plans_count_the_imports_a_parallel_run_has_not_paid_yet() -> None:

@@ -214,6 +214,30 @@ def test_nothing_lost_or_duplicated(n: int, sample_items: int, read_ahead: int, 
         assert s.n_remaining == read_ahead <= n - sampled
 
 
+def test_cpu_that_other_threads_burn_is_not_the_items() -> None:
+    """Items that wait stay waiting while another thread of the process computes (spinning
+    BLAS threads after ``import numpy``, an application's own busy thread)."""
+    import threading
+
+    stop = threading.Event()
+
+    def burn() -> None:
+        while not stop.is_set():
+            pass
+
+    busy = threading.Thread(target=burn, daemon=True)
+    busy.start()
+    try:
+        s = sample(tasks.sleep_then_return, [0.005] * 50, Config(sample_items=8,
+                                                                 sample_seconds=1.0))
+    finally:
+        stop.set()
+        busy.join()
+    p = s.profile
+    assert p.n_sampled == 8
+    assert p.item_cpu_seconds < 0.3 * p.item_wall_seconds, p
+
+
 def test_the_first_look_reads_ahead_as_far_as_the_sampler() -> None:
     from amortune import _profile, _quick
 
