@@ -204,16 +204,18 @@ def execute(
     if _quick_allowed(config, options):
         if not callable(func):
             raise TypeError(f"func must be callable, got {type(func).__name__}")
-        from ._quick import WAITING_CPU_SHARE, WAITING_SAMPLE_SECONDS, buffer_if_short, quick_serial
+        from ._quick import WAITING_CPU_SHARE, WAITING_SAMPLE_SECONDS, quick_serial
 
-        data = buffer_if_short(data)  # a short generator is judged as a list
         computing, waiting = _thresholds()
         quick = quick_serial(func, data, threshold_seconds=computing,
                              waiting_threshold_seconds=waiting)
-        if quick is not None:
-            if quick.rest is None:
-                return quick.results
-            results, data = quick.results, _Sized(quick.rest, quick.n_rest)
+        if quick.rest is None:
+            return quick.results
+        results = quick.results
+        if quick.n_rest is None:  # no length, and longer than the read-ahead: the planner decides
+            data = quick.rest
+        else:
+            data = _Sized(quick.rest, quick.n_rest)
             options["notes"] = (f"ran items 0-{len(results) - 1} in the caller while they were "
                                 f"cheap; the {quick.n_rest} left take "
                                 f"{quick.item_seconds * 1e3:.3f} ms each",)
@@ -224,7 +226,7 @@ def execute(
             budget = WAITING_SAMPLE_SECONDS if waiting else Config.sample_seconds
             options["sample_seconds"] = max(WAITING_SAMPLE_SECONDS, budget - quick.seconds)
             options["waiting"] = waiting  # threads are likely: pickle func only if not
-            if not waiting and _start_early_if_worth_it(quick.item_seconds, quick.n_rest or 0):
+            if not waiting and _start_early_if_worth_it(quick.item_seconds, quick.n_rest):
                 options["sample_seconds"] = EARLY_SAMPLE_SECONDS
     options["initargs"] = initargs
     parts = _run(func, data, options, config, len(results), ordered=True)

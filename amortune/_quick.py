@@ -8,7 +8,7 @@ whatever the model would add. This module times the first items itself (the firs
 an import or a cache fill is paid once), runs the rest in growing chunks while re-checking the
 rate, and hands over to the full planner with every result so far the moment the remaining work
 could pay for workers (costs that grow along the input). An input without a length is read
-ahead first (:func:`buffer_if_short`): a short one is judged the same way. Imports ``time`` and
+ahead after its first item: a short one is judged the same way. Imports ``time`` and
 ``itertools`` only (``pickle`` to size an input without a length).
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 
 from ._serde import note_item
 
-__all__ = ["QuickOutcome", "buffer_if_short", "quick_serial"]
+__all__ = ["QuickOutcome", "quick_serial"]
 
 #: The cheapest pool start there is: forking two workers from a single-threaded caller and
 #: getting their first replies takes 5-15 ms on the reference machine.
@@ -61,7 +61,8 @@ READ_AHEAD_BYTES = 64 << 20
 
 
 class QuickOutcome:
-    """Results so far; ``rest`` is ``None`` when the whole input is done.
+    """Results so far; ``rest`` is ``None`` when the whole input is done, ``n_rest`` ``None``
+    when how many items it holds is not known (an input without a length, past the read-ahead).
 
     ``cpu_share`` is the caller thread's CPU time over the wall time of the timed items
     (``None`` if none was timed): a low share means the items wait (I/O, sleep). ``seconds`` is
@@ -115,29 +116,17 @@ def _raises(exc: Exception) -> Iterator[Any]:
     yield  # pragma: no cover - makes this a generator
 
 
-def buffer_if_short(data: Iterable[Any]) -> Iterable[Any]:
-    """``data`` itself when it has a length; else its items in a list when it ends within the
-    read-ahead bounds, so the first look can judge it; else an iterator over the items read and
-    the rest (an error of the input itself is raised where it happened, after the items before).
-    """
-    try:
-        len(data)  # type: ignore[arg-type]
-        return data
-    except TypeError:
-        pass
-    it = iter(data)
+def _read_ahead(it: Iterator[Any], first_input: Any) -> tuple[list[Any], Iterator[Any] | None]:
+    """The items after the first of an input without a length, up to the read-ahead bounds;
+    the iterator left, or ``None`` when the input ended within them (an error of the input
+    itself is raised in its place, after the items before it)."""
+    limit = max(1, min(READ_AHEAD_ITEMS, READ_AHEAD_BYTES // max(1, _pickled_size(first_input))))
     items: list[Any] = []
     try:
-        items.extend(itertools.islice(it, 1))
-        if not items:
-            return items
-        limit = max(1, min(READ_AHEAD_ITEMS, READ_AHEAD_BYTES // max(1, _pickled_size(items[0]))))
         items.extend(itertools.islice(it, limit))
     except Exception as exc:
-        return itertools.chain(items, _raises(exc))
-    if len(items) <= limit:
-        return items
-    return itertools.chain(items, it)
+        return items, _raises(exc)
+    return items, (it if len(items) >= limit else None)
 
 
 def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
@@ -145,21 +134,22 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
                      CHEAPEST_START_SECONDS + ENGINE_IMPORT_SECONDS),
                  waiting_threshold_seconds: float | None = None,
                  clock: Callable[[], float] = time.perf_counter,
-                 cpu_clock: Callable[[], float] = time.thread_time) -> QuickOutcome | None:
+                 cpu_clock: Callable[[], float] = time.thread_time) -> QuickOutcome:
     """Run ``func`` over ``data`` in the caller while that is certainly the fastest way.
 
     The rest is handed over once it is predicted to take more than ``threshold_seconds``, or
     ``waiting_threshold_seconds`` while items spend under ``WAITING_CPU_SHARE`` of their time on
     this thread's CPU (threads, which cost far less to start, may overlap their waiting).
 
-    Returns ``None`` without running anything for inputs without a length (see
-    :func:`buffer_if_short`); otherwise a :class:`QuickOutcome` whose ``rest`` is ``None`` when every
-    item ran here, or the items left when the rest could pay for workers.
+    Returns a :class:`QuickOutcome` whose ``rest`` is ``None`` when every item ran here, or the
+    items left when the rest could pay for workers. An input without a length is read ahead
+    after its first item: one that ends within the bounds is judged as a list; a longer one
+    comes back after its first item, ``n_rest`` ``None`` (the planner decides).
     """
     try:
-        n_total = len(data)  # type: ignore[arg-type]
+        n_total: int | None = len(data)  # type: ignore[arg-type]
     except TypeError:
-        return None
+        n_total = None
     it = iter(data)
     out: list[Any] = []
     append = out.append
@@ -173,6 +163,12 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
             except StopIteration as exc:
                 raise _stopped() from exc
         first = clock() - t0
+        if n_total is None:
+            buffered, left_over = _read_ahead(it, first_input) if out else ([], None)
+            if left_over is not None:
+                return QuickOutcome(out, itertools.chain(buffered, left_over), None, first,
+                                    None, clock() - t0)
+            n_total, it = len(out) + len(buffered), iter(buffered)
         size, per_item, done_timed, spent, cpu = 1, first, 0, 0.0, 0.0
         while len(out) < n_total:
             c1, t1 = cpu_clock(), clock()

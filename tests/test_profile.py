@@ -238,24 +238,26 @@ def test_cpu_that_other_threads_burn_is_not_the_items() -> None:
     assert p.item_cpu_seconds < 0.3 * p.item_wall_seconds, p
 
 
-def test_the_first_look_reads_ahead_as_far_as_the_sampler() -> None:
+def test_the_first_look_reads_ahead_as_far_as_the_sampler() -> None:  # the same bounds
     from amortune import _profile, _quick
 
     assert _quick.READ_AHEAD_ITEMS == _profile.READ_AHEAD_ITEMS
     assert _quick.READ_AHEAD_BYTES == _profile.READ_AHEAD_BYTES
 
 
+def _first_look(data: Any) -> Any:
+    from amortune._quick import quick_serial
+
+    return quick_serial(lambda x: x, data, threshold_seconds=1e9)
+
+
 @pytest.mark.parametrize("n", [0, 1, 50, READ_AHEAD_ITEMS])
-def test_a_short_input_without_a_length_becomes_a_list(n: int) -> None:
-    from amortune._quick import buffer_if_short
-
-    got = buffer_if_short(i for i in range(n))
-    assert isinstance(got, list) and got == list(range(n))
+def test_a_short_input_without_a_length_is_judged_as_a_list(n: int) -> None:
+    got = _first_look(i for i in range(n))
+    assert got.rest is None and got.results == list(range(n))
 
 
-def test_a_long_input_without_a_length_is_read_a_bounded_way_and_chained_back() -> None:
-    from amortune._quick import buffer_if_short
-
+def test_a_long_input_without_a_length_is_read_a_bounded_way_and_handed_on() -> None:
     pulled: list[int] = []
 
     def endless() -> Iterator[int]:
@@ -263,14 +265,15 @@ def test_a_long_input_without_a_length_is_read_a_bounded_way_and_chained_back() 
             pulled.append(i)
             yield i
 
-    got = buffer_if_short(endless())
-    assert not isinstance(got, list)
-    assert len(pulled) == READ_AHEAD_ITEMS + 1
-    assert list(itertools.islice(got, READ_AHEAD_ITEMS + 100)) == list(range(READ_AHEAD_ITEMS + 100))
+    got = _first_look(endless())
+    assert got.results == [0] and got.n_rest is None  # the planner decides, length unknown
+    assert len(pulled) == 1 + READ_AHEAD_ITEMS
+    assert list(itertools.islice(got.rest, READ_AHEAD_ITEMS + 100)) == list(
+        range(1, READ_AHEAD_ITEMS + 101))
 
 
 def test_big_items_without_a_length_are_read_ahead_by_bytes() -> None:
-    from amortune._quick import READ_AHEAD_BYTES, buffer_if_short
+    from amortune._quick import READ_AHEAD_BYTES
 
     pulled: list[int] = []
 
@@ -279,31 +282,41 @@ def test_big_items_without_a_length_are_read_ahead_by_bytes() -> None:
             pulled.append(i)
             yield np.full(1 << 20, i % 256, dtype=np.uint8)  # 1 MiB each
 
-    got = buffer_if_short(arrays())
-    assert not isinstance(got, list)
+    got = _first_look(arrays())
+    assert got.n_rest is None
     assert len(pulled) == 1 + READ_AHEAD_BYTES // (1 << 20)  # 64 MiB ahead, not 1000 MiB
-    assert [int(a[0]) for a in got] == [i % 256 for i in range(1000)]
+    assert [int(a[0]) for a in [*got.results, *got.rest]] == [i % 256 for i in range(1000)]
 
 
-def test_sized_inputs_pass_through_untouched() -> None:
-    from amortune._quick import buffer_if_short
+def test_a_first_item_that_fails_reads_no_further() -> None:
+    """As in ``map``: an error on the first item leaves the rest of the input unread."""
+    from amortune._quick import quick_serial
 
-    data = range(10)
-    assert buffer_if_short(data) is data
+    pulled: list[int] = []
+
+    def source() -> Iterator[int]:
+        for i in range(100):
+            pulled.append(i)
+            yield i
+
+    with pytest.raises(ZeroDivisionError):
+        quick_serial(lambda x: 1 / x, source(), threshold_seconds=1e9)
+    assert pulled == [0]
 
 
 def test_an_input_that_fails_while_read_ahead_fails_in_its_place() -> None:
-    """As in ``map``: the items before the failure are still there, then the input's error."""
-    from amortune._quick import buffer_if_short
+    """As in ``map``: the items before the failure still run, then the input's error."""
 
     def broken() -> Iterator[int]:
         yield from range(5)
         raise OSError("disk gone")
 
-    got = iter(buffer_if_short(broken()))
-    assert list(itertools.islice(got, 5)) == list(range(5))
+    got = _first_look(broken())
+    assert got.results == [0]
+    rest = iter(got.rest)
+    assert list(itertools.islice(rest, 4)) == [1, 2, 3, 4]
     with pytest.raises(OSError, match="disk gone"):
-        next(got)
+        next(rest)
 
 
 # -- pickling is measured only when parallel could pay -------------------------------------------
