@@ -345,6 +345,7 @@ CTRL_C_SCRIPT = textwrap.dedent("""
     from tests import tasks
 
     if __name__ == "__main__":
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the run ignores it
         amortune.execute(tasks.spin, [0.001] * 40, backend="processes", n_jobs=2)
         other = {}
         def b():

@@ -61,7 +61,10 @@ CRASH_KINDS = {  # crash kind -> (task that always crashes at item 5, expected e
     "sys_exit": ("sys_exit", 4),
 }
 PROLOGUE = """\
-import json, os, sys, tempfile, threading, time
+import json, os, signal, sys, tempfile, threading, time
+# Ctrl-C must raise here even when the test run itself was started with SIGINT ignored (a
+# background job of a non-interactive shell), as Python then leaves it ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 import amortune
 from amortune import Config
 from amortune.backends._base import ChunkTask, FunctionRef

@@ -297,6 +297,7 @@ def test_close_after_an_exception_removes_the_folder(tmp_dir: pathlib.Path) -> N
 def test_ctrl_c_in_another_process_removes_its_folder(tmp_dir: pathlib.Path) -> None:
     code = (
         "import os, signal, sys\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # even if the run ignores it
         "from amortune._spill import SpillStore\n"
         "store = SpillStore(parent=sys.argv[1])\n"
         "print(store.directory, flush=True)\n"
