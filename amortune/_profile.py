@@ -20,14 +20,14 @@ from typing import Any
 
 from ._config import Config
 from ._model import PARALLEL_FLOOR_SECONDS, WorkloadProfile
+from ._quick import READ_AHEAD_BYTES, READ_AHEAD_ITEMS
 from ._record import record, replace
 from ._serde import dumps_function, note_item
 
 __all__ = ["Sampled", "count_items", "result_nbytes", "sample", "unsampled"]
 
-#: Read-ahead to learn a generator's length stops at this many items or this many bytes of input.
-READ_AHEAD_ITEMS = 4096
-READ_AHEAD_BYTES = 64 << 20
+#: Read-ahead to learn a generator's length stops at ``READ_AHEAD_ITEMS`` items or
+#: ``READ_AHEAD_BYTES`` of input: the first look's bounds (``_quick``), so both agree on "short".
 #: With at least this many sampled items, a one-off stall is discounted from the item cost.
 ROBUST_MIN_ITEMS = 5
 #: At most this many sampled items are pickled to measure transfer cost, and probing stops once

@@ -54,8 +54,7 @@ MIN_PARALLEL_ITEM_SECONDS = 1e-6
 PIPE_BYTES_PER_SECOND = 1.0e9
 MIN_SPEEDUP = 1.2
 #: An input without a length is read ahead this far (items, and bytes pickled as its first item)
-#: to learn whether it is short; the same bounds as the sampler's read-ahead
-#: (``_profile.READ_AHEAD_ITEMS``/``READ_AHEAD_BYTES``), kept equal by tests/test_profile.py.
+#: to learn whether it is short; the sampler's read-ahead (``_profile``) uses the same bounds.
 READ_AHEAD_ITEMS = 4096
 READ_AHEAD_BYTES = 64 << 20
 
