@@ -16,7 +16,7 @@ pool carry on. Imports the engine's lower layers only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ._config import Config
@@ -24,13 +24,13 @@ from ._model import MIN_SPEEDUP, PROCESS_DISPATCH_SECONDS, THREAD_DISPATCH_SECON
 from ._optimize import PlannedRun, _costs
 from ._policy import ChunkPolicy, FixedChunkPolicy
 from ._record import record, replace
-from ._schedule import Scheduler
+from ._schedule import Adopted, Scheduler
 from ._stats import RunStats, active_recorders
 from ._worker import rss_bytes
 from .backends._base import Backend, FunctionRef, WorkerSetup, environment_snapshot
 from .backends.serial import SerialBackend
 
-__all__ = ["CallOptions", "sample_stats", "stream"]
+__all__ = ["CallOptions", "finish_adopted", "sample_stats", "stream"]
 
 log = logging.getLogger("amortune")
 #: A serial run re-plans at most this often (chunks of ~20 ms between checks).
@@ -109,8 +109,14 @@ def stream(func: Callable[..., Any], run: PlannedRun, config: Config, items: Ite
            on_progress: Callable[[int], None] | None = None, stats: RunStats | None = None,
            backend: Backend | None = None, may_escalate: bool = True,
            fn: FunctionRef | None = None,
-           on_scheduler: Callable[[Scheduler], None] | None = None) -> Iterator[list[Any]]:
-    """Yield result lists for ``items`` (input indices from ``start_index``) following ``run``."""
+           on_scheduler: Callable[[Scheduler], None] | None = None,
+           adopted: Sequence[Adopted] = (), adopted_from: Backend | None = None,
+           settled: tuple[int, list[Any], list[Any]] | None = None) -> Iterator[list[Any]]:
+    """Yield result lists for ``items`` (input indices from ``start_index``) following ``run``.
+
+    ``adopted`` chunks (handed to ``adopted_from``'s workers before the plan) and the
+    ``settled`` sample come first: see :meth:`Scheduler.run`.
+    """
     plan = run.plan
     owned = False
     if backend is None:
@@ -133,7 +139,7 @@ def stream(func: Callable[..., Any], run: PlannedRun, config: Config, items: Ite
         rec.add(plan, stats)
     for note in opts.notes:
         moved = f"; moved to {plan.executor} (n_jobs={plan.n_jobs})" if plan.parallel else ""
-        stats.note(0.0, note + moved)
+        stats.note(stats.started_at, note + moved)
     helper = None
     if (opts.caller_may_run and config.sample_in_caller and config.timeout_seconds is None
             and not backend.info().in_caller and run.backend is None and not run.executor_pinned):
@@ -157,7 +163,8 @@ def stream(func: Callable[..., Any], run: PlannedRun, config: Config, items: Ite
         on_scheduler(sched)  # the batch loop tightens the items in flight to its batch
     finished = False
     try:
-        yield from sched.run(items, start_index=start_index, n_remaining=n_remaining)
+        yield from sched.run(items, start_index=start_index, n_remaining=n_remaining,
+                             adopted=adopted, adopted_from=adopted_from, settled=settled)
         finished = True
     finally:
         for b in (backend, escalate.owned if escalate is not None else None):
@@ -171,6 +178,19 @@ def stream(func: Callable[..., Any], run: PlannedRun, config: Config, items: Ite
             # After a finished run a thread backend's threads are idle: they end on their own
             # (64 of them take milliseconds to join), and the caller need not wait for that.
             backend.shutdown(wait=not (finished and backend.name == "threads"))
+
+
+def finish_adopted(fn: FunctionRef, backend: Backend, adopted: Sequence[Adopted],
+                   config: Config, *, start_index: int, error: BaseException,
+                   error_at: int) -> Iterator[list[Any]]:
+    """Chunks handed to workers before a plan whose sample failed at ``error_at``: their
+    results, or the first error in input order (theirs, else ``error``); always raises."""
+    sched = Scheduler(backend, fn, policy=FixedChunkPolicy(1, backend.capacity(),
+                                                            config.target_chunk_seconds),
+                      retries=config.retries, retry_on=config.retry_on,
+                      retry_backoff_seconds=config.retry_backoff_seconds)
+    yield from sched.run(iter(()), start_index=start_index, n_remaining=0, adopted=adopted,
+                         input_error=(error_at, error))
 
 
 def sample_stats(run: PlannedRun, offset: int, started: float) -> RunStats:

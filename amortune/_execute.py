@@ -3,8 +3,10 @@
 Data flow::
 
     data ──▶ quick look (_quick: a clearly serial map finishes here, almost nothing imported)
+         ├─▶ a long CPU-bound rest: workers forked now, a first chunk each (adopted later)
          └─▶ plan_run (sample in the caller; results kept) ──▶ _engine.stream ──▶ Scheduler
-    results: sampled results + the rest, in input order ──▶ list (execute) or a stream (imap)
+    results: first look + adopted chunks + sample + the rest, in input order ──▶ list (execute)
+    or a stream (imap)
 
 Call styles: ``func(x)``; ``star=True`` for ``func(*x)`` (as ``Pool.starmap``); ``per_chunk=True``
 for ``func(list_of_items) -> list`` (model batches). ``initializer(*initargs)`` runs once in every
@@ -20,6 +22,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from ._config import Config
+    from ._schedule import Adopted
+    from .backends._base import FunctionRef
+    from .backends.processes import ProcessBackend
 
 __all__ = ["execute", "imap"]
 
@@ -64,39 +69,92 @@ EARLY_START_SECONDS = 0.5
 #: this (at least one item): about the workers' start-up, the time the caller's items cost
 #: nothing. The run's own chunk timings correct what a short sample misjudges.
 EARLY_SAMPLE_SECONDS = 0.005
+#: Workers forked early get a chunk each at once, about this much of the items after the first
+#: look's: it covers the caller's planning (the engine's imports, the sample, the plan: 15-20 ms
+#: on the reference machine), so the workers compute instead of waiting for it.
+PRELAUNCH_SECONDS = 0.02
+#: ... and together never more than one in this many of the items left.
+PRELAUNCH_SHARE = 4
 
 
-def _start_workers_early() -> bool:
+def _start_workers_early() -> ProcessBackend | None:
     """Fork the warm pool now, one worker per usable core, while this process is single-threaded.
 
     The plan made next finds it warm; a plan that does not use it leaves it idle (it is the
-    same pool a later call would reuse, stopped at exit). True when workers were started.
+    same pool a later call would reuse, stopped at exit). The pool, or ``None`` when no
+    workers can be started here.
     """
     import multiprocessing
 
     if multiprocessing.current_process().daemon:
-        return False  # a worker process cannot start workers of its own
+        return None  # a worker process cannot start workers of its own
     from ._config import Config
     from ._system import probe_system
 
     config = Config()
     cores = probe_system(config).usable_cores
     if cores < 2:
-        return False
+        return None
     from .backends._warm import get_warm_pool
 
-    get_warm_pool(cores, None, thread_cap=1,
-                  memory_growth_bytes=config.worker_memory_growth_bytes)
-    return True
+    return get_warm_pool(cores, None, thread_cap=1,
+                         memory_growth_bytes=config.worker_memory_growth_bytes)
 
 
-def _start_early_if_worth_it(item_seconds: float, n_left: int) -> bool:
+def _start_early_if_worth_it(item_seconds: float, n_left: int) -> ProcessBackend | None:
     """After the first look: fork the warm pool now when ``n_left`` items that compute leave
-    ``EARLY_START_SECONDS`` of work; True when it did (the sample that follows is then cut
-    short: the workers wait for it)."""
+    ``EARLY_START_SECONDS`` of work; the pool when it did (the sample that follows is then
+    cut short, and the workers get the items after the first look's at once)."""
     if item_seconds * n_left >= EARLY_START_SECONDS:
         return _start_workers_early()
-    return False
+    return None
+
+
+def _prelaunch(pool: ProcessBackend, func: Callable[..., Any], rest: Iterator[Any], start: int,
+               item_seconds: float, n_rest: int
+               ) -> tuple[list[Adopted], Iterator[Any], FunctionRef | None]:
+    """Hand each early-forked worker a chunk of the items at ``start`` (about
+    ``PRELAUNCH_SECONDS`` of them), so the workers compute while the caller plans.
+
+    Returns the chunks sent (the scheduler adopts them), the input left and the function as
+    sent. Nothing is sent when ``func`` or an item cannot travel, or the input fails while
+    being read: the planner then meets the problem where it always does (what was read
+    comes back first in the input left).
+    """
+    import time
+
+    from .backends._base import ChunkTask, FunctionRef, WorkerSetup, environment_snapshot
+
+    workers = pool.capacity()
+    per = min(max(1, int(PRELAUNCH_SECONDS / max(item_seconds, 1e-9))),
+              n_rest // (PRELAUNCH_SHARE * workers))
+    if per < 1:
+        return [], rest, None
+    fn = FunctionRef(func)
+    try:
+        fn.token  # noqa: B018 - pickled now: a function that cannot travel is not sent
+    except Exception:
+        return [], rest, None
+    head: list[Any] = []
+    try:
+        head.extend(itertools.islice(rest, per * workers))
+    except Exception as exc:  # the input failed: it fails in its place, after these items
+        from ._quick import _raises
+
+        return [], itertools.chain(head, _raises(exc)), None
+    setup = WorkerSetup(thread_cap=1, env=environment_snapshot())
+    sent: list[Adopted] = []
+    at = 0
+    while at < len(head):
+        items = head[at:at + per]
+        submitted = time.perf_counter()
+        fut = pool.submit(ChunkTask(fn, items, start + at, "item", None, setup))
+        if fut.done() and fut.exception() is not None:
+            break  # an item that cannot be pickled (or a broken pool): the planner decides
+        sent.append((start + at, items, fut, submitted))
+        at += len(items)
+    left = itertools.chain(head[at:], rest) if at < len(head) else rest
+    return sent, left, fn if sent else None
 
 
 def _quick_allowed(config: Config | None, options: dict[str, Any]) -> bool:
@@ -226,8 +284,20 @@ def execute(
             budget = WAITING_SAMPLE_SECONDS if waiting else Config.sample_seconds
             options["sample_seconds"] = max(WAITING_SAMPLE_SECONDS, budget - quick.seconds)
             options["waiting"] = waiting  # threads are likely: pickle func only if not
-            if not waiting and _start_early_if_worth_it(quick.item_seconds, quick.n_rest):
+            pool = None if waiting else _start_early_if_worth_it(quick.item_seconds,
+                                                                 quick.n_rest)
+            if pool is not None:
                 options["sample_seconds"] = EARLY_SAMPLE_SECONDS
+                sent, rest, fn = _prelaunch(pool, func, quick.rest, len(results),
+                                            quick.item_seconds, quick.n_rest)
+                if sent:
+                    n_sent = sum(len(chunk[1]) for chunk in sent)
+                    data = _Sized(rest, quick.n_rest - n_sent)
+                    options.update(adopted=sent, adopted_from=pool, fn=fn)
+                    options["notes"] += (f"items {len(results)}-{len(results) + n_sent - 1} "
+                                         f"went to {len(sent)} workers as they started",)
+                elif rest is not quick.rest:
+                    data = _Sized(rest, quick.n_rest)
     options["initargs"] = initargs
     parts = _run(func, data, options, config, len(results), ordered=True)
     for part in parts:
@@ -287,10 +357,7 @@ def _run(func: Callable[..., Any], data: Iterable[Any], options: dict[str, Any],
          streaming: bool = False) -> Iterator[list[Any]]:
     """Plan and run: yields the sampled results, then the rest as the engine finishes them."""
     from ._config import Config
-    from ._engine import CallOptions, sample_stats, stream
-    from ._optimize import plan_run
-    from ._progress import Progress
-    from .backends._base import FunctionRef, WorkerSetup
+    from .backends._base import WorkerSetup
     from .backends.serial import run_setup_in_caller
 
     cfg = (config or Config.from_env()).replace(
@@ -310,6 +377,36 @@ def _run(func: Callable[..., Any], data: Iterable[Any], options: dict[str, Any],
     import time
 
     t_plan = time.perf_counter()
+    # Chunks the first look handed to early-forked workers come before the sample's items.
+    adopted = options.get("adopted") or ()
+    adopted_from = options.get("adopted_from")
+    sample_at = offset + sum(len(chunk[1]) for chunk in adopted)
+    try:
+        yield from _planned(func, sampled_func, data, options, cfg, offset, sample_at, t_plan,
+                            style, ordered, streaming)
+    finally:
+        running = [chunk[2] for chunk in adopted if not chunk[2].done()]
+        if adopted_from is not None and running:  # nothing of this call may run on after it
+            from concurrent.futures import wait
+
+            from ._schedule import STOP_GRACE_SECONDS
+
+            adopted_from.kill_tasks(running)
+            wait(running, timeout=STOP_GRACE_SECONDS)
+
+
+def _planned(func: Callable[..., Any], sampled_func: Callable[..., Any], data: Iterable[Any],
+             options: dict[str, Any], cfg: Config, offset: int, sample_at: int,
+             t_plan: float, style: str, ordered: bool, streaming: bool) -> Iterator[list[Any]]:
+    from ._engine import CallOptions, finish_adopted, sample_stats, stream
+    from ._optimize import plan_run
+    from ._progress import Progress
+    from .backends._base import FunctionRef
+
+    initializer = options["initializer"]
+    initargs = tuple(options.get("initargs") or ())
+    adopted = options.get("adopted") or ()
+    adopted_from = options.get("adopted_from")
     plan = options.get("plan")
     run = getattr(plan, "_run", None) if plan is not None else None
     if run is not None and plan is not None and data is plan.data and not getattr(
@@ -325,12 +422,25 @@ def _run(func: Callable[..., Any], data: Iterable[Any], options: dict[str, Any],
         if plan is not None:
             pins = dict(n_jobs=plan.n_jobs if plan.executor != "serial" else None,
                         executor=plan.executor)
-        run = plan_run(sampled_func, data, cfg,
-                       n_jobs=(options["n_jobs"] if options["n_jobs"] is not None
-                               else pins.get("n_jobs")),
-                       chunksize=options["chunksize"],
-                       executor=options["backend"] or options["executor"] or pins.get("executor"),
-                       start_index=offset, lazy_function_probe=bool(options.get("waiting")))
+        failed: Exception | None = None
+        try:
+            run = plan_run(sampled_func, data, cfg,
+                           n_jobs=(options["n_jobs"] if options["n_jobs"] is not None
+                                   else pins.get("n_jobs")),
+                           chunksize=options["chunksize"],
+                           executor=(options["backend"] or options["executor"]
+                                     or pins.get("executor")),
+                           start_index=sample_at,
+                           lazy_function_probe=bool(options.get("waiting")))
+        except Exception as exc:
+            if not adopted:
+                raise
+            failed = exc
+        if failed is not None:  # the adopted chunks' items come first: so may their errors
+            yield from finish_adopted(options["fn"], options["adopted_from"], adopted, cfg,
+                                      start_index=offset, error=failed, error_at=sample_at)
+            raise failed  # pragma: no cover - finish_adopted raises it, or an earlier error
+    assert run is not None
     _warn(run)
     first = run.sampled.results
     progress, callback = options["progress"], options["progress_callback"]
@@ -338,16 +448,26 @@ def _run(func: Callable[..., Any], data: Iterable[Any], options: dict[str, Any],
     if (progress is not None and progress is not False) or callback is not None:
         total = None if run.plan.n_items is None else run.plan.n_items + offset
         prog = Progress(progress, callback, total, initial=offset + len(first))
-    stats = sample_stats(run, offset, t_plan)
-    fn = FunctionRef(func, run.sampled.func_bytes if sampled_func is func else None)
+    stats = sample_stats(run, sample_at, t_plan)
+    fn = options.get("fn") or FunctionRef(func, run.sampled.func_bytes
+                                          if sampled_func is func else None)
     opts = CallOptions(style=style, initializer=initializer, initargs=initargs, ordered=ordered,
                        caller_may_run=True, notes=tuple(options.get("notes") or ()))
     try:
+        remaining = run.sampled.remaining_items()
+        n_left = run.sampled.n_remaining if run.sampled.n_remaining_known else None
+        if adopted:
+            settled = (sample_at, run.sampled.inputs, first)
+            run.sampled.results = []
+            yield from stream(fn.func, run, cfg, remaining, start_index=offset,
+                              n_remaining=n_left, opts=opts, fn=fn, stats=stats,
+                              on_progress=prog.update if prog is not None else None,
+                              may_escalate=not streaming, adopted=adopted,
+                              adopted_from=adopted_from, settled=settled)
+            return
         if first:
             run.sampled.results = []
             yield first
-        remaining = run.sampled.remaining_items()
-        n_left = run.sampled.n_remaining if run.sampled.n_remaining_known else None
         yield from stream(fn.func, run, cfg, remaining, start_index=offset + len(first),
                           n_remaining=n_left, opts=opts, fn=fn, stats=stats,
                           on_progress=prog.update if prog is not None else None,

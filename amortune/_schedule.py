@@ -24,7 +24,7 @@ import heapq
 import itertools
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as futures_wait
 from typing import Any
@@ -35,7 +35,7 @@ from ._serde import add_note, note_item
 from ._stats import RunStats
 from .backends._base import Backend, ChunkOutcome, ChunkTask, FunctionRef, WorkerSetup
 
-__all__ = ["ChunkPolicy", "FixedChunkPolicy", "RunStats", "Scheduler"]
+__all__ = ["Adopted", "ChunkPolicy", "FixedChunkPolicy", "RunStats", "Scheduler"]
 
 #: Without a memory budget, the reorder window holds at most this many times the unfinished-chunk
 #: bound (a chunk-count cap alone stalls every worker behind one slow head chunk).
@@ -49,6 +49,8 @@ STOP_GRACE_SECONDS = 1.0
 
 #: ``on_outcome(scheduler, n_items, seconds)`` after each finished chunk (plan corrections).
 OutcomeHook = Callable[["Scheduler", int, float], None]
+#: A chunk handed to a backend before the scheduler ran: ``(start, items, future, submitted)``.
+Adopted = tuple[int, list[Any], "Future[ChunkOutcome]", float]
 
 
 class Scheduler:
@@ -128,13 +130,38 @@ class Scheduler:
         self.first_error: BaseException | None = None
         self.input_error: tuple[int, BaseException] | None = None
         self._items: Iterator[Any] = iter(())
+        #: The backend adopted chunks run on, when it is not ``backend`` (stopped with them).
+        self.adopted_from: Backend | None = None
 
     # -- the run -----------------------------------------------------------------------------
     def run(self, items: Iterator[Any], *, start_index: int = 0,
-            n_remaining: int | None = None) -> Generator[list[Any], None, None]:
-        """Yield result lists for ``items`` (input indices from ``start_index``)."""
+            n_remaining: int | None = None, adopted: Sequence[Adopted] = (),
+            adopted_from: Backend | None = None,
+            settled: tuple[int, list[Any], list[Any]] | None = None,
+            input_error: tuple[int, BaseException] | None = None,
+            ) -> Generator[list[Any], None, None]:
+        """Yield result lists for ``items`` (input indices from ``start_index``).
+
+        Work that began before the plan comes first, in input order: ``adopted`` chunks already
+        running on ``adopted_from`` (``(start, items, future, submitted)``), then ``settled``
+        results (``(start, items, results)``, the planner's sample); ``items`` follow them.
+        ``input_error`` ends the input at its index with that error (the sample failed).
+        """
         self._items, self.remaining = items, n_remaining
         self.next_start = self.next_yield = start_index
+        if adopted_from is not None and adopted_from is not self.backend:
+            self.adopted_from = adopted_from
+        for start, chunk_items, fut, submitted in adopted:
+            chunk = self._adopt(start, chunk_items)
+            chunk.attempts, chunk.submitted = 1, submitted
+            self.futures[fut] = chunk
+            fut.add_done_callback(self._on_done)
+        if settled is not None:
+            start, chunk_items, results = settled
+            if chunk_items:
+                self._settle(self._adopt(start, chunk_items), results)
+        if input_error is not None:
+            self.input_error, self.exhausted = input_error, True
         if not self.stats.started_at:
             self.stats.started_at = self.clock()
         try:
@@ -160,6 +187,17 @@ class Scheduler:
         self.max_chunks = max_chunks_in_flight
         if self.max_window < (1 << 62):
             self.max_window = REORDER_CHUNKS_PER_SLOT * self.max_chunks
+
+    def _adopt(self, start: int, items: list[Any]) -> _Chunk:
+        if start != self.next_start:
+            raise ValueError(f"adopted work must follow in input order: {start} is not "
+                             f"{self.next_start}")
+        chunk = _Chunk(start, items)
+        self.next_start += len(items)
+        self.unyielded += len(items)
+        if self.ordered:
+            self.window[start] = chunk
+        return chunk
 
     def _idle(self) -> bool:
         return not self.futures and not self.delayed and not self.requeue
@@ -460,9 +498,12 @@ class Scheduler:
         still = running
         if not kill:
             still = list((self.wait or futures_wait)(running, timeout=STOP_GRACE_SECONDS)[1])
-        killer = getattr(self.backend, "kill_tasks", None)
-        if still and killer is not None:
-            killer(still)
+        for backend in (self.backend, self.adopted_from):
+            killer = getattr(backend, "kill_tasks", None)
+            if still and killer is not None:
+                killer(still)  # each backend stops the tasks that are its own
+        if still and kill:  # Ctrl-C: killed at once, and gone before the call raises
+            (self.wait or futures_wait)(still, timeout=STOP_GRACE_SECONDS)
 
 
 def _describe(indices: tuple[int, ...]) -> str:

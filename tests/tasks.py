@@ -450,3 +450,22 @@ def return_lock(x: Any) -> Any:
     import threading
 
     return threading.Lock()
+
+
+def spin_square_failing(x: int, *, in_worker_at: int | None = None,
+                        in_caller_from: int | None = None, marks: str | None = None) -> int:
+    """2 ms of CPU, then ``x * x``; raises ``KeyError`` at item ``in_worker_at`` in a worker
+    process and ``ValueError`` from item ``in_caller_from`` on in the calling process (where
+    the planner samples). With ``marks``, a worker's item writes a file there when done."""
+    import multiprocessing
+
+    in_worker = multiprocessing.parent_process() is not None
+    if not in_worker and in_caller_from is not None and x >= in_caller_from:
+        raise ValueError(f"the caller's item {x}")
+    spin(0.002)
+    if in_worker and x == in_worker_at:
+        raise KeyError(x)
+    if in_worker and marks is not None:
+        with open(os.path.join(marks, f"{x}.done"), "w"):
+            pass
+    return x * x

@@ -632,3 +632,132 @@ def test_workers_start_before_the_planner_only_when_processes_are_all_but_certai
     assert started is early
     if early:  # the workers wait for the plan: the sample stops ~5 ms after the fork
         assert sampled <= 3, sampled
+
+
+def _watch_prelaunch(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Record what the first look handed to early-forked workers, and where the sample began."""
+    from amortune import _execute, _optimize
+
+    seen: dict[str, Any] = {"sent": [], "sample_at": []}
+    prelaunch, sample = _execute._prelaunch, _optimize.sample
+
+    def watched(*args: Any, **kwargs: Any) -> Any:
+        out = prelaunch(*args, **kwargs)
+        seen["start"] = args[3]
+        seen["sent"] = [(start, len(items)) for start, items, _, _ in out[0]]
+        return out
+
+    def sampled(*args: Any, **kwargs: Any) -> Any:
+        seen["sample_at"].append(kwargs.get("start_index"))
+        return sample(*args, **kwargs)
+
+    monkeypatch.setattr(_execute, "_prelaunch", watched)
+    monkeypatch.setattr(_optimize, "sample", sampled)
+    return seen
+
+
+def _needs_two_cores() -> None:
+    if amortune.probe_system().usable_cores < 2:
+        pytest.skip("workers start early only with two usable cores")
+
+
+def test_early_workers_compute_the_items_after_the_first_look_while_the_caller_plans(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs_two_cores()
+    seen = _watch_prelaunch(monkeypatch)
+    data = list(range(300))  # ~0.6 s of computing: workers fork right after the first look
+    assert amortune.execute(tasks.spin_square_failing, data) == [x * x for x in data]
+    sent = seen["sent"]
+    assert sent, "no chunk went to the workers before the plan"
+    assert sent[0][0] == seen["start"] > 0  # right after the first look's items
+    ends = [start + n for start, n in sent]
+    assert [start for start, _ in sent[1:]] == ends[:-1]  # contiguous, in input order
+    assert seen["sample_at"] == [ends[-1]]  # the sample begins after them
+    assert sum(n for _, n in sent) <= len(data) // 4
+
+
+@pytest.mark.parametrize(("in_worker_at", "in_caller_from", "expected"), [
+    (3, None, KeyError),  # an item the workers got early fails; the run goes on to it
+    (None, 2, ValueError),  # the sample fails after the workers' chunks all succeeded
+    (3, 2, KeyError),  # both: the earlier item's error wins, as in list(map(...))
+])
+def test_errors_before_and_in_the_sample_raise_in_input_order_with_early_workers(
+        monkeypatch: pytest.MonkeyPatch, in_worker_at: int | None, in_caller_from: int | None,
+        expected: type[BaseException]) -> None:
+    _needs_two_cores()
+    seen = _watch_prelaunch(monkeypatch)
+    func = functools.partial(tasks.spin_square_failing, in_worker_at=in_worker_at,
+                             in_caller_from=in_caller_from)
+    with pytest.raises(expected) as info:
+        amortune.execute(func, range(300))
+    assert seen["sent"] and seen["sent"][0][0] == 2  # the first look ran items 0 and 1
+    index = in_worker_at if expected is KeyError else seen["sample_at"][0]
+    assert info.value.amortune_index == index  # type: ignore[attr-defined]
+    assert f"item {index}" in " ".join(getattr(info.value, "__notes__", []))
+    if expected is KeyError:
+        assert isinstance(info.value.__cause__, Exception)  # the worker's traceback
+
+
+def test_an_interrupted_plan_stops_the_early_workers_chunks(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs_two_cores()
+    from amortune import _execute
+
+    seen = _watch_prelaunch(monkeypatch)
+    monkeypatch.setattr(_execute, "PRELAUNCH_SECONDS", 2.0)  # chunks that run on for ~1 s
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    from amortune import _optimize
+
+    monkeypatch.setattr(_optimize, "sample", interrupted)
+    func = functools.partial(tasks.spin_square_failing, marks=str(tmp_path))
+    with pytest.raises(KeyboardInterrupt):
+        amortune.execute(func, range(3000))
+    assert seen["sent"]
+    stopped = len(list(tmp_path.iterdir()))
+    time.sleep(0.3)
+    assert len(list(tmp_path.iterdir())) == stopped  # nothing of the call ran on after it
+    assert stopped < sum(n for _, n in seen["sent"])
+
+
+def test_items_that_cannot_travel_are_not_sent_early(monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs_two_cores()
+    seen = _watch_prelaunch(monkeypatch)
+    data = [(i, threading.Lock()) if 2 <= i < 40 else (i, None) for i in range(300)]
+    with pytest.warns(amortune.AmortuneWarning, match="an input cannot be pickled"):
+        out = amortune.execute(_spin_first, data)
+    assert out == list(range(300))
+    assert seen["sent"] == [] and seen["sample_at"] == [2]  # the planner met them, as always
+
+
+def _spin_first(item: tuple[int, Any]) -> int:
+    tasks.spin(0.002)
+    return item[0]
+
+
+class _FailsWhileRead:
+    """A sized input whose iteration fails at item ``at`` (a file that turns out unreadable)."""
+
+    def __init__(self, n: int, at: int) -> None:
+        self.n, self.at = n, at
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Any:
+        for i in range(self.n):
+            if i == self.at:
+                raise OSError(f"cannot read item {i}")
+            yield i
+
+
+def test_an_input_that_fails_while_read_for_the_early_workers_fails_in_its_place(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    _needs_two_cores()
+    seen = _watch_prelaunch(monkeypatch)
+    with pytest.raises(OSError, match="cannot read item 5") as info:
+        amortune.execute(tasks.spin_square_failing, _FailsWhileRead(300, 5))
+    assert seen["sent"] == [] and seen["sample_at"] == [2]
+    assert info.value.amortune_index == 5  # type: ignore[attr-defined]
