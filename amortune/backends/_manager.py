@@ -29,7 +29,8 @@ from concurrent.futures import CancelledError
 from multiprocessing.connection import wait as mp_wait
 from typing import Any
 
-from .._errors import TaskTimeoutError, WorkerCrashedError, exit_reason, rebuild
+from .. import _errors
+from .._errors import TaskTimeoutError, exit_reason, rebuild
 from .._protocol import (
     Cancel,
     Done,
@@ -131,7 +132,7 @@ class Manager:
             self._loop()
         except BaseException as exc:  # pragma: no cover - a bug here must not hang callers
             log.exception("amortune manager thread failed")
-            self.flags.broken = WorkerCrashedError(f"amortune's manager thread failed: {exc!r}")
+            self.flags.broken = _errors.WorkerCrashedError(f"amortune's manager thread failed: {exc!r}")
         finally:
             self._stop_all()
 
@@ -384,7 +385,7 @@ class Manager:
         w.backlog.clear()
         if p is not None:
             hint, self.oom_kills = memory_hint(w.rss, self.oom_kills)
-            crash = WorkerCrashedError(
+            crash = _errors.WorkerCrashedError(
                 f"a worker process (pid {w.process.pid}, slot {w.slot.id}) died with "
                 f"{exit_reason(code, memory_hint=hint)}{w.note} while running "
                 f"{describe(p.task)}; pass retries=N to run lost chunks again",
@@ -398,7 +399,7 @@ class Manager:
     def _start_failed(self, message: str, code: int | None = None) -> None:
         self.start_failures += 1
         if self.start_failures >= _MAX_START_FAILURES and self.flags.broken is None:
-            self.flags.broken = WorkerCrashedError(
+            self.flags.broken = _errors.WorkerCrashedError(
                 f"{message} ({self.start_failures} failed starts in a row)", exitcode=code)
             self._fail_all(self.flags.broken)
 
