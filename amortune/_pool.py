@@ -9,7 +9,8 @@ Data flow::
                        an endless generator works)
     imap_unordered ──▶ the same Scheduler with ordered=False
     map_async      ──▶ one driver thread per call runs the same stream ──▶ AsyncResult
-    apply_async    ──▶ backend.submit(ChunkTask(style="apply")) ──▶ done-callback ──▶ AsyncResult
+    apply_async    ──▶ backend.submit(ChunkTask(style="apply")) ──▶ AsyncResult reading the
+                       future (a done-callback settles it when callbacks were given)
 
 Each pool owns a private ProcessBackend (initializer and maxtasksperchild are per pool) started at
 construction and stopped by close()+join(), terminate(), the context manager or a finalizer. A
@@ -29,6 +30,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import CancelledError, Future
+from concurrent.futures import wait as futures_wait
 from multiprocessing import TimeoutError as MPTimeoutError
 from typing import Any, Generic, TypeVar
 
@@ -177,13 +179,18 @@ class Pool:
                     ) -> AsyncResult[R]:
         """``func(*args, **kwds)`` in a worker; returns an :class:`AsyncResult` at once."""
         self._check_running()
-        result: AsyncResult[R] = AsyncResult(self, callback, error_callback)
         try:
             fut = self._backend.submit(ChunkTask(_function_ref(func),
                                                  [(tuple(args), dict(kwds or {}))], 0, "apply"))
         except Exception as exc:
+            result: AsyncResult[R] = AsyncResult(self, callback, error_callback)
             result._set(False, _as_stdlib(exc))
             return result
+        if callback is None and error_callback is None:
+            # Nothing to run when it finishes: the result reads the future itself, so the
+            # manager thread settles one future per call and no more (apply_async in a loop).
+            return _FutureResult(self, fut)
+        result = AsyncResult(self, callback, error_callback)
         fut.add_done_callback(functools.partial(_complete_apply, result))
         return result
 
@@ -402,28 +409,62 @@ def _check_chunksize(chunksize: int | None) -> int | None:
     return size
 
 
-def _complete_apply(result: AsyncResult[Any], fut: Future[ChunkOutcome]) -> None:
-    """Done-callback of an apply future (runs in the backend's manager thread)."""
+def _apply_outcome(fut: Future[ChunkOutcome]) -> tuple[bool, Any]:
+    """``(success, value or exception)`` of a finished apply future, as the stdlib reports it."""
     try:
         if fut.cancelled():
             raise CancelledError("the pool was terminated")
         exc = fut.exception()
         if exc is None:
             outcome = fut.result()
-            if outcome.error is not None:
-                exc = outcome.error
-                notes = getattr(exc, "__notes__", None)
-                if isinstance(notes, list):  # "item 0" means nothing for apply
-                    notes[:] = [n for n in notes if not n.startswith(_INDEX_NOTE)]
-            else:
-                value = outcome.results[0]
-        else:
-            notes = getattr(exc, "__notes__", None)
-            if isinstance(notes, list):  # "item 0" means nothing for apply
-                notes[:] = [n for n in notes if not n.startswith(_INDEX_NOTE)]
+            if outcome.error is None:
+                return True, outcome.results[0]
+            exc = outcome.error
+        notes = getattr(exc, "__notes__", None)
+        if isinstance(notes, list):  # "item 0" means nothing for apply
+            notes[:] = [n for n in notes if not n.startswith(_INDEX_NOTE)]
     except BaseException as err:  # whatever happens, the result settles: get() never hangs
         exc = err
-    if exc is None:
-        result._set(True, value)
-    else:
-        result._set(False, _as_stdlib(exc))
+    return False, _as_stdlib(exc)
+
+
+def _complete_apply(result: AsyncResult[Any], fut: Future[ChunkOutcome]) -> None:
+    """Done-callback of an apply future (runs in the backend's manager thread)."""
+    result._set(*_apply_outcome(fut))
+
+
+class _FutureResult(AsyncResult[R]):
+    """An ``apply_async`` result without callbacks: it reads its future when asked, so
+    nothing runs for it in the manager thread when the call finishes."""
+
+    def __init__(self, pool: Pool, fut: Future[ChunkOutcome]) -> None:
+        self._fut = fut
+        self._pool = pool  # alive while this result is pending (bpo-35493)
+        self._outcome: tuple[bool, Any] | None = None
+
+    def _settled(self) -> tuple[bool, Any] | None:
+        if self._outcome is None and self._fut.done():
+            self._outcome = _apply_outcome(self._fut)
+            self._pool = None
+        return self._outcome
+
+    def ready(self) -> bool:
+        return self._fut.done()
+
+    def successful(self) -> bool:
+        settled = self._settled()
+        if settled is None:
+            raise ValueError(f"{self!r} not ready")
+        return settled[0]
+
+    def wait(self, timeout: float | None = None) -> None:
+        futures_wait((self._fut,), timeout)
+
+    def get(self, timeout: float | None = None) -> R:
+        self.wait(timeout)
+        settled = self._settled()
+        if settled is None:
+            raise MPTimeoutError
+        if settled[0]:
+            return settled[1]  # type: ignore[no-any-return]
+        raise settled[1]

@@ -411,6 +411,18 @@ def test_terminate_fails_pending_results_instead_of_hanging():
         assert not isinstance(info.value, mp.TimeoutError)
 
 
+@pytest.mark.parametrize("with_callback", [False, True])
+def test_a_pending_result_keeps_its_pool_alive(with_callback: bool) -> None:
+    got: list[Any] = []
+    kw: dict[str, Any] = {"callback": got.append} if with_callback else {}
+    r = amortune.Pool(1, context=START).apply_async(tasks.sleep_then_return, (0.2,), **kw)
+    gc.collect()  # nothing else refers to the pool: the pending result must keep it running
+    with pytest.warns(ResourceWarning, match="^unclosed running multiprocessing pool"):
+        assert r.get(30) == 0.2 and r.successful()
+        gc.collect()  # read, the result lets go of it
+    assert got == ([0.2] if with_callback else [])
+
+
 def test_unclosed_pool_warns_and_is_terminated():
     pool = amortune.Pool(1, context=START)
     assert pool.apply(tasks.square, (3,)) == 9
