@@ -453,10 +453,12 @@ def return_lock(x: Any) -> Any:
 
 
 def spin_square_failing(x: int, *, in_worker_at: int | None = None,
-                        in_caller_from: int | None = None, marks: str | None = None) -> int:
+                        in_caller_from: int | None = None, at: tuple[int, ...] = (),
+                        marks: str | None = None) -> int:
     """2 ms of CPU, then ``x * x``; raises ``KeyError`` at item ``in_worker_at`` in a worker
-    process and ``ValueError`` from item ``in_caller_from`` on in the calling process (where
-    the planner samples). With ``marks``, a worker's item writes a file there when done."""
+    process, ``ValueError`` from item ``in_caller_from`` on in the calling process (where
+    the planner samples) and ``LookupError`` at the items ``at`` wherever they run. With ``marks``,
+    a worker's item writes a file there when done."""
     import multiprocessing
 
     in_worker = multiprocessing.parent_process() is not None
@@ -465,6 +467,8 @@ def spin_square_failing(x: int, *, in_worker_at: int | None = None,
     spin(0.002)
     if in_worker and x == in_worker_at:
         raise KeyError(x)
+    if x in at:
+        raise LookupError(x)
     if in_worker and marks is not None:
         with open(os.path.join(marks, f"{x}.done"), "w"):
             pass

@@ -698,6 +698,21 @@ def test_errors_before_and_in_the_sample_raise_in_input_order_with_early_workers
         assert isinstance(info.value.__cause__, Exception)  # the worker's traceback
 
 
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(at=st.lists(st.integers(2, 150), min_size=1, max_size=3, unique=True))
+def test_with_early_workers_the_first_failing_item_in_input_order_raises(
+        monkeypatch: pytest.MonkeyPatch, at: list[int]) -> None:
+    _needs_two_cores()
+    func = functools.partial(tasks.spin_square_failing, at=tuple(at))
+    with monkeypatch.context() as patches:  # one example's spies, undone before the next
+        seen = _watch_prelaunch(patches)
+        with pytest.raises(LookupError) as info:  # a worker's early chunk, the sample, or later
+            amortune.execute(func, range(300))
+    assert info.value.args == (min(at),)
+    assert info.value.amortune_index == min(at)  # type: ignore[attr-defined]
+    assert seen["sent"]
+
+
 def test_an_interrupted_plan_stops_the_early_workers_chunks(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _needs_two_cores()
