@@ -498,11 +498,13 @@ class Scheduler:
         still = running
         if not kill:
             still = list((self.wait or futures_wait)(running, timeout=STOP_GRACE_SECONDS)[1])
+        killed = False
         for backend in (self.backend, self.adopted_from):
             killer = getattr(backend, "kill_tasks", None)
             if still and killer is not None:
                 killer(still)  # each backend stops the tasks that are its own
-        if still and kill:  # Ctrl-C: killed at once, and gone before the call raises
+                killed = True
+        if killed and kill:  # Ctrl-C: killed at once, and gone before the call raises
             (self.wait or futures_wait)(still, timeout=STOP_GRACE_SECONDS)
 
 

@@ -372,6 +372,33 @@ def test_ctrl_c_in_one_thread_leaves_other_threads_calls_alone() -> None:
     assert json.loads(out.stdout) == {"main": "interrupted", "other_ok": True}
 
 
+CTRL_C_STOPS_SCRIPT = textwrap.dedent("""
+    import functools, json, os, signal, sys, tempfile, threading, time
+    import amortune
+    from tests import tasks
+
+    if __name__ == "__main__":
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # even if the run ignores it
+        folder = tempfile.mkdtemp()
+        func = functools.partial(tasks.spin_square_failing, marks=folder)
+        threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGINT)).start()
+        try:
+            amortune.execute(func, range(5000), backend="processes", n_jobs=2)
+        except KeyboardInterrupt:
+            done = len(os.listdir(folder))
+            time.sleep(0.3)
+            print(json.dumps({"done": done, "later": len(os.listdir(folder)) - done}))
+""")
+
+
+def test_ctrl_c_stops_the_calls_workers_before_it_raises() -> None:
+    out = subprocess.run([sys.executable, "-c", CTRL_C_STOPS_SCRIPT], capture_output=True,
+                         text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert got["done"] > 0 and got["later"] == 0, got  # no item finished after the raise
+
+
 def test_keyboard_interrupt_raised_by_func_fails_only_its_call() -> None:
     other: dict[str, Any] = {}
 

@@ -324,6 +324,8 @@ class Manager:
                 if not self.pending:
                     return None
                 p = self.pending.popleft()
+            if p.future.done():
+                continue  # settled while it waited (killed with its call, or cancelled): never run
             if p.running or p.future.set_running_or_notify_cancel():
                 p.running = True
                 return p
