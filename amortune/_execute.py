@@ -65,9 +65,10 @@ class OneOfChunk:
 #: workers' start-up (10-30 ms from fork to ready on the reference machine) overlaps the
 #: sample instead of following it.
 EARLY_START_SECONDS = 0.5
-#: Once workers are forked early they wait for the plan, so the sample after the fork is cut to
-#: this (at least one item): about the workers' start-up, the time the caller's items cost
-#: nothing. The run's own chunk timings correct what a short sample misjudges.
+#: Once workers are forked early the sample after the fork is cut to this (at least one item):
+#: with the engine's imports and the plan it stays inside the workers' first chunks
+#: (``PRELAUNCH_SECONDS``), so they never wait for it. The run's own chunk timings correct what
+#: a short sample misjudges.
 EARLY_SAMPLE_SECONDS = 0.005
 #: Workers forked early get a chunk each at once, about this much of the items after the first
 #: look's: it covers the caller's planning (the engine's imports, the sample, the plan: 15-20 ms
