@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
@@ -384,7 +384,7 @@ def _run(func: Callable[..., Any], data: Iterable[Any], options: dict[str, Any],
     sample_at = offset + sum(len(chunk[1]) for chunk in adopted)
     try:
         yield from _planned(func, sampled_func, data, options, cfg, offset, sample_at, t_plan,
-                            style, ordered, streaming)
+                            style, ordered, streaming, adopted, adopted_from)
     finally:
         running = [chunk[2] for chunk in adopted if not chunk[2].done()]
         if adopted_from is not None and running:  # nothing of this call may run on after it
@@ -398,7 +398,9 @@ def _run(func: Callable[..., Any], data: Iterable[Any], options: dict[str, Any],
 
 def _planned(func: Callable[..., Any], sampled_func: Callable[..., Any], data: Iterable[Any],
              options: dict[str, Any], cfg: Config, offset: int, sample_at: int,
-             t_plan: float, style: str, ordered: bool, streaming: bool) -> Iterator[list[Any]]:
+             t_plan: float, style: str, ordered: bool, streaming: bool,
+             adopted: Sequence[Adopted], adopted_from: ProcessBackend | None
+             ) -> Iterator[list[Any]]:
     from ._engine import CallOptions, finish_adopted, sample_stats, stream
     from ._optimize import plan_run
     from ._progress import Progress
@@ -406,8 +408,6 @@ def _planned(func: Callable[..., Any], sampled_func: Callable[..., Any], data: I
 
     initializer = options["initializer"]
     initargs = tuple(options.get("initargs") or ())
-    adopted = options.get("adopted") or ()
-    adopted_from = options.get("adopted_from")
     plan = options.get("plan")
     run = getattr(plan, "_run", None) if plan is not None else None
     if run is not None and plan is not None and data is plan.data and not getattr(
@@ -434,11 +434,11 @@ def _planned(func: Callable[..., Any], sampled_func: Callable[..., Any], data: I
                            start_index=sample_at,
                            lazy_function_probe=bool(options.get("waiting")))
         except Exception as exc:
-            if not adopted:
+            if not adopted or adopted_from is None:
                 raise
             failed = exc
-        if failed is not None:  # the adopted chunks' items come first: so may their errors
-            yield from finish_adopted(options["fn"], options["adopted_from"], adopted, cfg,
+        if failed is not None and adopted_from is not None:  # earlier items, earlier errors
+            yield from finish_adopted(options["fn"], adopted_from, adopted, cfg,
                                       start_index=offset, error=failed, error_at=sample_at)
             raise failed  # pragma: no cover - finish_adopted raises it, or an earlier error
     assert run is not None
