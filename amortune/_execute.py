@@ -76,6 +76,8 @@ EARLY_SAMPLE_SECONDS = 0.005
 PRELAUNCH_SECONDS = 0.02
 #: ... and together never more than one in this many of the items left.
 PRELAUNCH_SHARE = 4
+#: The caller waits at most this long for the manager thread to send those chunks.
+PRELAUNCH_SEND_SECONDS = 0.005
 
 
 def _start_workers_early() -> ProcessBackend | None:
@@ -154,6 +156,8 @@ def _prelaunch(pool: ProcessBackend, func: Callable[..., Any], rest: Iterator[An
             break  # an item that cannot be pickled (or a broken pool): the planner decides
         sent.append((start + at, items, fut, submitted))
         at += len(items)
+    if sent:
+        pool.wait_sent(PRELAUNCH_SEND_SECONDS)  # the workers start now, not when the GIL frees
     left = itertools.chain(head[at:], rest) if at < len(head) else rest
     return sent, left, fn if sent else None
 

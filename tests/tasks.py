@@ -280,6 +280,22 @@ def init_exits() -> None:
     os._exit(7)
 
 
+def init_exits_first_time(marker: str) -> None:
+    """A worker initializer that ends the first process to run it (after a pause), only that one."""
+    try:
+        os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    time.sleep(0.3)  # long enough for the first chunk to be sent to this process
+    os._exit(7)
+
+
+def pid_after(seconds: float) -> int:
+    """Sleep, then the PID of the process that ran this item."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
 def _refuse_to_unpickle() -> Any:
     raise ValueError("this object cannot be rebuilt")
 

@@ -606,6 +606,34 @@ def test_initializer_errors_fail_the_work_not_hang_it() -> None:
         exiting.shutdown(wait=True, kill=True)
 
 
+def test_a_fresh_forked_pool_gives_each_worker_its_own_first_chunk() -> None:
+    # Chunks submitted the moment the pool exists wait in the pipes of forked workers that are
+    # still starting, one each: never two behind one worker while the other sits idle.
+    for _ in range(3):
+        backend = ProcessBackend(2, start_method="fork")
+        try:
+            futs = [backend.submit(ChunkTask(FunctionRef(tasks.pid_after), [0.3], i))
+                    for i in range(2)]
+            pids = [f.result(timeout=60).results[0] for f in futs]
+        finally:
+            backend.shutdown(wait=True, kill=True)
+        assert len(set(pids)) == 2
+
+
+def test_a_chunk_sent_to_a_worker_that_dies_starting_runs_on_the_next(tmp_path: Path) -> None:
+    # The chunk sat in the pipe of a worker whose start failed: it never began, so it is not a
+    # crash of that chunk; the replacement worker runs it.
+    marker = str(tmp_path / "started")
+    backend = ProcessBackend(1, start_method="fork",
+                             setup=WorkerSetup(tasks.init_exits_first_time, (marker,)))
+    try:
+        fut = backend.submit(ChunkTask(FunctionRef(tasks.square), [6], 0))
+        assert fut.result(timeout=60).results == [36]
+        assert os.path.exists(marker)
+    finally:
+        backend.shutdown(wait=True, kill=True)
+
+
 def test_worker_dying_while_the_manager_sends_to_it() -> None:
     # The worker is stopped, so the manager blocks writing a 64 MiB chunk to it. Killing the
     # worker must fail that write (EPIPE) and the chunk goes to a fresh worker; a stopped worker

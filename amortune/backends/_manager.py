@@ -103,6 +103,7 @@ class Manager:
         self.retry_start_at: float | None = None
         self.first_start: float | None = None
         self.start_log: dict[int, tuple[float, float]] = {}
+        self.sent = threading.Event()  # set while nothing submitted waits to be sent
         self.thread = threading.Thread(target=self._main, name="amortune-manager", daemon=True)
 
     # -- called from the caller's thread -------------------------------------------------------
@@ -153,7 +154,7 @@ class Manager:
             raise
         finally:
             child.close()
-        self.workers.append(WorkerState(proc, parent, slot))
+        self.workers.append(WorkerState(proc, parent, slot, forked=method == "fork"))
         if self.first_start is None:
             self.first_start = time.perf_counter()
 
@@ -185,6 +186,9 @@ class Manager:
                     self.retry_start_at = time.perf_counter() + _START_RETRY_SECONDS
                     break
             self._assign()
+            with flags.lock:
+                if not self.pending:
+                    self.sent.set()
             ready = self._wait_ready(self._next_deadline())
             if self.wake_r in ready:
                 while self.wake_ready():
@@ -245,6 +249,17 @@ class Manager:
                 p = self._next_task()
                 if p is None:
                     return
+                self._send(w, p, False)
+        # A forked worker is ready within milliseconds: its first task waits in its pipe
+        # instead of behind another worker's, and starts the moment the worker can read it.
+        for w in self.workers:
+            if w.forked and not w.ready and not w.retiring and w.task is None:
+                p = self._next_task()
+                if p is None:
+                    return
+                if w.bytes_to_send(p) > _QUEUE_BEHIND_BYTES:
+                    self._requeue([p])  # a write this big could block on a worker not reading
+                    break
                 self._send(w, p, False)
         # Then small tasks behind running ones, one per worker a round, so they stay even.
         depth = self._backlog_depth()
@@ -385,6 +400,12 @@ class Manager:
         p, w.task = w.task, None
         self._requeue(list(w.backlog))  # behind a task that never replied: never started
         w.backlog.clear()
+        if p is not None and not w.ready:  # sent before it was ready: it never started
+            if self.flags.broken is not None:
+                settle(p.future, self.flags.broken)
+            else:
+                self._requeue([p])
+            p = None
         if p is not None:
             hint, self.oom_kills = memory_hint(w.rss, self.oom_kills)
             crash = _errors.WorkerCrashedError(

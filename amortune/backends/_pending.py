@@ -51,10 +51,11 @@ class Flags:
 class WorkerState:
     __slots__ = ("process", "conn", "slot", "task", "backlog", "backlog_bytes", "item_started",
                  "item_index", "funcs", "ready", "rss", "retiring", "started_at", "tasks_done",
-                 "note", "env_token", "has_message")
+                 "note", "env_token", "has_message", "forked")
 
-    def __init__(self, process: Any, conn: Any, slot: Slot) -> None:
+    def __init__(self, process: Any, conn: Any, slot: Slot, forked: bool = False) -> None:
         self.process, self.conn, self.slot = process, conn, slot
+        self.forked = forked  # started by fork: ready within milliseconds
         self.has_message = poller(conn)
         self.task: Pending | None = None
         # Sent behind ``task``, in order; the first starts when ``task`` replies.

@@ -159,8 +159,17 @@ class ProcessBackend(Backend):
             if self.flags.closing:
                 raise RuntimeError("cannot submit to a backend that is shut down")
             self._mgr.pending.append(p)
+            self._mgr.sent.clear()
         self._mgr.wake()
         return fut
+
+    def wait_sent(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until every task submitted is in a worker's pipe.
+
+        The manager thread sends them the moment the caller's thread lets it run; a caller
+        that goes on computing would keep it waiting for the interpreter's switch interval.
+        """
+        return self._mgr.sent.wait(timeout)
 
     def _cancel_running(self, fut: ChunkFuture) -> None:
         p = getattr(fut, "_amortune_pending", None)
