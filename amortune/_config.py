@@ -25,7 +25,7 @@ def default_start_method() -> str:
     made forkserver the default there too), and after its one-time start a worker costs ~6 ms
     against ~40 ms for ``spawn`` (measured on the 2-core reference machine). ``spawn`` elsewhere.
     With ``Config(start_method=None)`` (the default) the first workers are forked from a
-    single-threaded caller instead (a few ms), see ``amortune.backends._start``.
+    single-threaded caller instead (a few ms), see ``amortune._start``.
     """
     return "forkserver" if sys.platform.startswith("linux") else "spawn"
 

@@ -10,7 +10,6 @@ load on first use, so a serial run never imports them.
 from __future__ import annotations
 
 import pickle
-import traceback
 from typing import TYPE_CHECKING, Any
 
 from ._serde import add_note, note_item
@@ -165,6 +164,8 @@ def capture(exc: BaseException, index: int | None) -> tuple[bytes | None, str, s
     pickled form is ``None`` when the exception itself cannot be pickled, and the caller then
     raises an :class:`AmortuneError` carrying the type name and text instead.
     """
+    import traceback  # here: a worker forked early starts without it (~2 ms of imports)
+
     tb_text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     exc.__traceback__ = None
     payload: bytes | None = None

@@ -71,8 +71,9 @@ EARLY_START_SECONDS = 0.5
 #: a short sample misjudges.
 EARLY_SAMPLE_SECONDS = 0.005
 #: Workers forked early get a chunk each at once, about this much of the items after the first
-#: look's: it covers the caller's planning (the engine's imports, the sample, the plan: 15-20 ms
-#: on the reference machine), so the workers compute instead of waiting for it.
+#: look's: it covers the caller's sample and plan (15-20 ms on the reference machine), so the
+#: workers compute instead of waiting for them; in a fresh process, where the workers fork
+#: before the engine is imported, the engine's imports (``ENGINE_IMPORT_SECONDS``) are added.
 PRELAUNCH_SECONDS = 0.02
 #: ... and together never more than one in this many of the items left.
 PRELAUNCH_SHARE = 4
@@ -80,86 +81,136 @@ PRELAUNCH_SHARE = 4
 PRELAUNCH_SEND_SECONDS = 0.005
 
 
-def _start_workers_early() -> ProcessBackend | None:
-    """Fork the warm pool now, one worker per usable core, while this process is single-threaded.
-
-    The plan made next finds it warm; a plan that does not use it leaves it idle (it is the
-    same pool a later call would reuse, stopped at exit). The pool, or ``None`` when no
-    workers can be started here.
-    """
+def _usable_cores() -> int:
+    """Cores this process may use, or 0 where it cannot start workers (it is one itself)."""
     import multiprocessing
 
     if multiprocessing.current_process().daemon:
-        return None  # a worker process cannot start workers of its own
+        return 0  # a worker process cannot start workers of its own
     from ._config import Config
     from ._system import probe_system
 
-    config = Config()
-    cores = probe_system(config).usable_cores
-    if cores < 2:
-        return None
+    return probe_system(Config()).usable_cores
+
+
+def _start_workers_early(cores: int) -> ProcessBackend:
+    """Fork the warm pool now, one worker per usable core, while this process is single-threaded.
+
+    The plan made next finds it warm; a plan that does not use it leaves it idle (it is the
+    same pool a later call would reuse, stopped at exit).
+    """
+    from ._config import Config
     from .backends._warm import get_warm_pool
 
     return get_warm_pool(cores, None, thread_cap=1,
-                         memory_growth_bytes=config.worker_memory_growth_bytes)
+                         memory_growth_bytes=Config().worker_memory_growth_bytes)
 
 
-def _start_early_if_worth_it(item_seconds: float, n_left: int) -> ProcessBackend | None:
-    """After the first look: fork the warm pool now when ``n_left`` items that compute leave
-    ``EARLY_START_SECONDS`` of work; the pool when it did (the sample that follows is then
-    cut short, and the workers get the items after the first look's at once)."""
-    if item_seconds * n_left >= EARLY_START_SECONDS:
-        return _start_workers_early()
-    return None
+def _engine_loaded() -> bool:
+    """Whether this process has imported the process engine (a call before this one did)."""
+    import sys
+
+    return "amortune.backends._warm" in sys.modules
 
 
-def _prelaunch(pool: ProcessBackend, func: Callable[..., Any], rest: Iterator[Any], start: int,
-               item_seconds: float, n_rest: int
-               ) -> tuple[list[Adopted], Iterator[Any], FunctionRef | None]:
-    """Hand each early-forked worker a chunk of the items at ``start`` (about
-    ``PRELAUNCH_SECONDS`` of them), so the workers compute while the caller plans.
+def _engine_import_seconds() -> float:
+    from ._quick import ENGINE_IMPORT_SECONDS
 
-    Returns the chunks sent (the scheduler adopts them), the input left and the function as
-    sent. Nothing is sent when ``func`` or an item cannot travel, or the input fails while
-    being read: the planner then meets the problem where it always does (what was read
-    comes back first in the input left).
+    return ENGINE_IMPORT_SECONDS
+
+
+Early = tuple["ProcessBackend | None", "list[Adopted]", Iterator[Any], "FunctionRef | None"]
+
+
+def _prelaunch(func: Callable[..., Any], rest: Iterator[Any], start: int, item_seconds: float,
+               n_rest: int) -> Early:
+    """When ``n_rest`` items that compute leave ``EARLY_START_SECONDS`` of work: start the warm
+    pool now, each worker with a chunk of the items at ``start`` (about ``PRELAUNCH_SECONDS``
+    of them), so the workers compute while the caller plans.
+
+    Returns the pool (``None`` when none started), the chunks it runs (the scheduler adopts
+    them), the input left and the function as sent. In a fresh process the workers fork before
+    the engine is imported, each inheriting its chunk (``_prefork``); in one that has the engine
+    the chunks are submitted to the pool. No chunk is handed over when ``func`` or an item
+    cannot travel, or the input fails while being read: the planner then meets the problem
+    where it always does (what was read comes back first in the input left).
     """
+    if item_seconds * n_rest < EARLY_START_SECONDS:
+        return None, [], rest, None
+    cores = _usable_cores()
+    if cores < 2:
+        return None, [], rest, None
+    fresh = not _engine_loaded()
+    seconds = PRELAUNCH_SECONDS + (_engine_import_seconds() if fresh else 0.0)
+    per = min(max(1, int(seconds / max(item_seconds, 1e-9))), n_rest // (PRELAUNCH_SHARE * cores))
+    head: list[Any] = []
+    if per >= 1:
+        try:
+            head.extend(itertools.islice(rest, per * cores))
+        except Exception as exc:  # the input failed: it fails in its place, after these items
+            from ._quick import _raises
+
+            return _start_workers_early(cores), [], itertools.chain(head, _raises(exc)), None
+    chunks = [(start + at, head[at:at + per]) for at in range(0, len(head), per)]
+    if chunks and fresh:
+        early = _fork_with_chunks(func, chunks, cores)
+        if early is not None:
+            pool, sent, forked_fn = early
+            at = sum(len(chunk[1]) for chunk in sent)
+            return (pool, sent, itertools.chain(head[at:], rest) if at < len(head) else rest,
+                    forked_fn)
+    pool = _start_workers_early(cores)
+    sent, fn = _submit_early(pool, func, chunks)
+    at = sum(len(chunk[1]) for chunk in sent)
+    return pool, sent, itertools.chain(head[at:], rest) if at < len(head) else rest, fn
+
+
+def _fork_with_chunks(func: Callable[..., Any], chunks: list[tuple[int, list[Any]]], cores: int
+                      ) -> tuple[ProcessBackend, list[Adopted], FunctionRef] | None:
+    """Fork a worker per chunk before the engine loads, then start the warm pool around them."""
+    from ._config import Config
+    from ._prefork import fork_with_chunks
+
+    growth = Config().worker_memory_growth_bytes
+    forked = fork_with_chunks(func, chunks, thread_cap=1, growth_limit=growth)
+    if forked is None:
+        return None
+    from .backends._base import ChunkTask, FunctionRef, WorkerSetup, environment_snapshot
+    from .backends._warm import get_warm_pool
+
+    fn = FunctionRef(func, forked.func_payload, forked.token)
+    setup = WorkerSetup(thread_cap=1, env=environment_snapshot())
+    tasks = [(w, ChunkTask(fn, w.items, w.start, "item", None, setup)) for w in forked.workers]
+    pool = get_warm_pool(cores, None, thread_cap=1, memory_growth_bytes=growth, adopt=tasks)
+    sent: list[Adopted] = [(w.start, w.items, fut, w.started) for w, fut in zip(forked.workers, pool.adopted, strict=True)]
+    return pool, sent, fn
+
+
+def _submit_early(pool: ProcessBackend, func: Callable[..., Any],
+                  chunks: list[tuple[int, list[Any]]]) -> tuple[list[Adopted], FunctionRef | None]:
+    """Submit ``chunks`` to the early-started ``pool``: the chunks sent and the function."""
     import time
 
     from .backends._base import ChunkTask, FunctionRef, WorkerSetup, environment_snapshot
 
-    workers = pool.capacity()
-    per = min(max(1, int(PRELAUNCH_SECONDS / max(item_seconds, 1e-9))),
-              n_rest // (PRELAUNCH_SHARE * workers))
-    if per < 1:
-        return [], rest, None
+    if not chunks:
+        return [], None
     fn = FunctionRef(func)
     try:
         fn.token  # noqa: B018 - pickled now: a function that cannot travel is not sent
     except Exception:
-        return [], rest, None
-    head: list[Any] = []
-    try:
-        head.extend(itertools.islice(rest, per * workers))
-    except Exception as exc:  # the input failed: it fails in its place, after these items
-        from ._quick import _raises
-
-        return [], itertools.chain(head, _raises(exc)), None
+        return [], None
     setup = WorkerSetup(thread_cap=1, env=environment_snapshot())
     sent: list[Adopted] = []
-    at = 0
-    while at < len(head):
-        items = head[at:at + per]
+    for at, items in chunks:
         submitted = time.perf_counter()
-        fut = pool.submit(ChunkTask(fn, items, start + at, "item", None, setup))
+        fut = pool.submit(ChunkTask(fn, items, at, "item", None, setup))
         if fut.done() and fut.exception() is not None:
             break  # an item that cannot be pickled (or a broken pool): the planner decides
-        sent.append((start + at, items, fut, submitted))
-        at += len(items)
+        sent.append((at, items, fut, submitted))
     if sent:
         pool.wait_sent(PRELAUNCH_SEND_SECONDS)  # the workers start now, not when the GIL frees
-    left = itertools.chain(head[at:], rest) if at < len(head) else rest
-    return sent, left, fn if sent else None
+    return sent, fn if sent else None
 
 
 def _quick_allowed(config: Config | None, options: dict[str, Any]) -> bool:
@@ -289,12 +340,10 @@ def execute(
             budget = WAITING_SAMPLE_SECONDS if waiting else Config.sample_seconds
             options["sample_seconds"] = max(WAITING_SAMPLE_SECONDS, budget - quick.seconds)
             options["waiting"] = waiting  # threads are likely: pickle func only if not
-            pool = None if waiting else _start_early_if_worth_it(quick.item_seconds,
-                                                                 quick.n_rest)
+            pool, sent, rest, fn = ((None, [], quick.rest, None) if waiting else _prelaunch(
+                func, quick.rest, len(results), quick.item_seconds, quick.n_rest))
             if pool is not None:
                 options["sample_seconds"] = EARLY_SAMPLE_SECONDS
-                sent, rest, fn = _prelaunch(pool, func, quick.rest, len(results),
-                                            quick.item_seconds, quick.n_rest)
                 if sent:
                     n_sent = sum(len(chunk[1]) for chunk in sent)
                     data = _Sized(rest, quick.n_rest - n_sent)

@@ -25,9 +25,9 @@ from ._model import (
 from ._plan import OptimizationResult
 from ._profile import Sampled, finish_function_probe, sample, unsampled
 from ._record import record, replace
+from ._start import choose_start, start_cost
 from ._system import SystemSnapshot, probe_system
 from .backends import Backend, resolve_backend
-from .backends._start import choose_start, start_cost
 
 __all__ = ["PlannedRun", "normalise_n_jobs", "optimize", "plan_run"]
 

@@ -10,10 +10,14 @@ Worker to caller: :class:`Ready`, :class:`Tick`, :class:`Done`, :class:`Skipped`
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, NamedTuple
 
-__all__ = ["Cancel", "Done", "Env", "Exiting", "Func", "InitError", "Ready", "Retiring", "Run",
-           "Skipped", "Tick"]
+__all__ = ["TASK_IDS", "Cancel", "Done", "Env", "Exiting", "Func", "InitError", "Ready",
+           "Retiring", "Run", "Skipped", "Tick"]
+
+#: Ids of the tasks sent to workers, unique in this process (a reply names its task by id).
+TASK_IDS = itertools.count(1)
 
 
 class Func(NamedTuple):

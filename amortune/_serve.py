@@ -115,6 +115,7 @@ def worker_main(
     start_method: str = "spawn",
     inherited: Sequence[Any] = (),
     env: Sequence[tuple[str, str]] = (),
+    first: tuple[Any, Run] | None = None,
 ) -> None:
     """Entry point of a worker process: serve tasks from ``conn`` until told to stop.
 
@@ -122,6 +123,8 @@ def worker_main(
     pipe ends a forked child got by accident; closing them lets every worker see EOF when the
     caller goes away. ``env`` is the slot's own environment (a device id), set before the
     initializer runs. A ``SystemExit`` from ``func`` ends the worker with that exit code.
+    ``first`` is a forked child's first task, inherited with its function instead of sent:
+    ``(func, Run)``, served before anything from ``conn``.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for other in inherited:
@@ -140,7 +143,11 @@ def worker_main(
             limit_native_threads(n_threads)  # the initializer may have loaded numpy
         baseline_rss = rss_bytes()
         conn.send_bytes(dumps(Ready(os.getpid(), baseline_rss)))
-        _Server(conn, max_tasks, baseline_rss, n_threads, tuple(k for k, _ in env)).serve()
+        server = _Server(conn, max_tasks, baseline_rss, n_threads, tuple(k for k, _ in env))
+        if first is not None:
+            server.funcs[first[1].token] = first[0]
+            server.inbox.append(first[1])
+        server.serve()
     except (EOFError, OSError):  # the caller is gone: nothing to report to
         return
 

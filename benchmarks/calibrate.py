@@ -1,7 +1,7 @@
 """Measure the constants of amortune's cost model on this machine; print them beside the code's.
 
 Usage: ``python benchmarks/calibrate.py [--quick]``. Each constant of ``amortune/_model.py`` (and
-the start-up defaults in ``amortune/backends/_start.py``) names the measurement behind it; this
+the start-up defaults in ``amortune/_start.py``) names the measurement behind it; this
 script is that measurement, through the backends themselves (``ProcessBackend``,
 ``ThreadBackend``, ``submit(ChunkTask(...))``). Medians of many repeats; on a shared machine run
 it twice.
@@ -25,8 +25,8 @@ from typing import Any
 
 from amortune import _model
 from amortune._config import default_start_method
+from amortune._start import _DEFAULTS as _DEFAULT_START_COSTS
 from amortune.backends._base import ChunkTask, FunctionRef
-from amortune.backends._start import _DEFAULTS as _DEFAULT_START_COSTS
 from amortune.backends.processes import ProcessBackend
 from amortune.backends.threads import ThreadBackend
 

@@ -489,3 +489,19 @@ def spin_square_failing(x: int, *, in_worker_at: int | None = None,
         with open(os.path.join(marks, f"{x}.done"), "w"):
             pass
     return x * x
+
+
+def spin_kill_at_5(x: int) -> int:
+    """2 ms of CPU; item 5 SIGKILLs the worker process running it (never the caller)."""
+    import multiprocessing
+
+    spin(0.002)
+    if x == 5 and multiprocessing.parent_process() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x
+
+
+def spin_pid(x: int) -> int:
+    """2 ms of CPU, then the PID of the process that ran this item."""
+    spin(0.002)
+    return os.getpid()

@@ -14,7 +14,7 @@ from amortune._record import FrozenInstanceError
 def test_defaults_are_valid_and_frozen() -> None:
     c = Config()
     assert c.max_workers is None
-    assert c.start_method is None  # fork the first workers when safe, see backends._start
+    assert c.start_method is None  # fork the first workers when safe, see amortune._start
     assert default_start_method() in ("forkserver", "spawn")
     assert c.sample_items >= 1 and c.sample_seconds > 0
     assert 0 < c.memory_fraction <= 1

@@ -670,8 +670,8 @@ def _watch_prelaunch(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     def watched(*args: Any, **kwargs: Any) -> Any:
         out = prelaunch(*args, **kwargs)
-        seen["start"] = args[3]
-        seen["sent"] = [(start, len(items)) for start, items, _, _ in out[0]]
+        seen["start"] = args[2]
+        seen["sent"] = [(start, len(items)) for start, items, _, _ in out[1]]
         return out
 
     def sampled(*args: Any, **kwargs: Any) -> Any:

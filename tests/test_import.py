@@ -36,6 +36,7 @@ LAYERS: dict[str, float] = {
     "amortune._model": 1,
     "amortune._worker": 1,
     "amortune._serve": 1,
+    "amortune._start": 1,
     "amortune._policy": 1,
     "amortune._safedir": 1,
     "amortune._files": 1,
@@ -43,6 +44,7 @@ LAYERS: dict[str, float] = {
     "amortune._plan": 2,
     "amortune._progress": 2,
     "amortune._device": 2,
+    "amortune._prefork": 2,
     "amortune.backends": 3,
     "amortune._spill": 3,
     "amortune._checkpoint": 3,
@@ -178,7 +180,7 @@ def test_a_finished_threads_run_leaves_the_process_free_to_fork() -> None:
     code = (
         "import threading, amortune\n"
         "from tests import tasks\n"
-        "from amortune.backends._start import choose_start\n"
+        "from amortune._start import choose_start\n"
         "amortune.execute(tasks.sleep_then_return, [0.005] * 300)\n"
         "print(choose_start(None).first, threading.active_count())"
     )
@@ -277,7 +279,7 @@ def test_layer_zero_and_pure_modules_import_no_amortune_module_above_them() -> N
 def test_import_parser_sees_relative_and_lazy_imports() -> None:
     """The layer check would notice an import hidden in a function or written relatively."""
     found = imported_modules(PACKAGE / "_optimize.py")
-    assert {"amortune._model", "amortune._profile", "amortune.backends._start"} <= found
+    assert {"amortune._model", "amortune._profile", "amortune._start"} <= found
     assert "amortune._errors" in imported_modules(PACKAGE / "backends" / "processes.py")  # ``..``
     batches = imported_modules(PACKAGE / "_batches.py")
     assert "amortune._checkpoint" in batches  # imported inside a function

@@ -38,6 +38,7 @@ from concurrent.futures import Future, InvalidStateError
 from typing import Any, NamedTuple
 
 from .._record import field, record
+from .._serde import digest as _token
 from .._serde import dumps_function
 
 __all__ = [
@@ -127,20 +128,6 @@ class WorkerSetup:
         token: str = _cached_payload(self, "_env_token",
                                      lambda: _token(repr(self.env).encode()))
         return token
-
-
-def _token(data: bytes) -> str:
-    """A short digest naming ``data``.
-
-    ``_blake2`` is the C module behind ``hashlib.blake2b``; importing it directly skips loading
-    OpenSSL, about 5 ms of a one-shot script's start.
-    """
-    try:
-        from _blake2 import blake2b
-    except ImportError:  # an interpreter without the module: hashlib has another
-        from hashlib import blake2b
-
-    return blake2b(data, digest_size=10).hexdigest()
 
 
 def _cached_payload(obj: Any, name: str, make: Callable[[], Any]) -> Any:

@@ -25,9 +25,10 @@ import pickle
 import select
 import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import CancelledError
 from multiprocessing.connection import wait as mp_wait
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .. import _errors
 from .._errors import TaskTimeoutError, exit_reason, rebuild
@@ -46,10 +47,13 @@ from .._protocol import (
 )
 from .._serde import dumps
 from .._serve import load_prctl, worker_main
+from .._start import record_start_cost, start_process
 from .._worker import FUNC_CACHE_SIZE, poller
 from ._base import Slot, settle
 from ._pending import Flags, Pending, WorkerState, describe, finish, kill, memory_hint
-from ._start import record_start_cost, start_process
+
+if TYPE_CHECKING:
+    from .._prefork import Forked
 
 __all__ = ["Flags", "Manager", "Pending", "settle"]
 
@@ -107,10 +111,33 @@ class Manager:
         self.thread = threading.Thread(target=self._main, name="amortune-manager", daemon=True)
 
     # -- called from the caller's thread -------------------------------------------------------
-    def fork_initial(self) -> None:
-        """Fork every slot's first worker now, from the caller's (only) thread."""
-        for slot in self.slots:
-            self._spawn(slot, self.ctx_first, self.methods[0])
+    def fork_initial(self, adopt: Sequence[tuple[Forked, Pending]] = (), *,
+                     spawn: bool = True) -> None:
+        """Fork every slot's first worker now, from the caller's (only) thread.
+
+        ``adopt``: workers already forked with their first task (``_prefork``), each with the
+        ``Pending`` that task is; they take the first slots. ``spawn=False`` leaves the other
+        slots to the manager thread.
+        """
+        for slot, (forked, p) in zip(self.slots, adopt, strict=False):
+            self._adopt(slot, forked, p)
+        if spawn:
+            for slot in self.slots[len(adopt):]:
+                self._spawn(slot, self.ctx_first, self.methods[0])
+
+    def _adopt(self, slot: Slot, forked: Forked, p: Pending) -> None:
+        w = WorkerState(forked.process, forked.conn, slot, forked=True)
+        w.started_at = w.item_started = forked.started
+        w.item_index = p.task.start
+        w.funcs[p.task.fn.token] = None
+        setup = p.task.setup
+        if setup is not None and (setup.env is not None or setup.thread_cap):
+            w.env_token = f"{setup.env_token}:{setup.thread_cap}"  # as forked: nothing to send
+        p.running = True
+        w.task = p
+        self.workers.append(w)
+        if self.first_start is None:
+            self.first_start = forked.started
 
     def wake(self) -> None:
         # One pending wake-up byte at most: a busy manager must not let the pipe fill.

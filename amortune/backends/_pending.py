@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from .._errors import NotPicklableError, rebuild
-from .._protocol import Done
+from .._protocol import TASK_IDS, Done
 from .._record import field, record
 from .._worker import poller
 from ._base import ChunkFuture, ChunkOutcome, ChunkTask, Slot, settle
@@ -28,11 +28,10 @@ class Pending:
     """A submitted task, its pickled items and its future."""
 
     __slots__ = ("task", "payload", "future", "id", "running")
-    _ids = iter(range(1, 1 << 62))
-
-    def __init__(self, task: ChunkTask, payload: bytes, future: ChunkFuture) -> None:
+    def __init__(self, task: ChunkTask, payload: bytes, future: ChunkFuture,
+                 task_id: int | None = None) -> None:
         self.task, self.payload, self.future = task, payload, future
-        self.id = next(Pending._ids)
+        self.id = next(TASK_IDS) if task_id is None else task_id
         self.running = False
 
 

@@ -11,9 +11,14 @@ from __future__ import annotations
 import atexit
 import os
 import threading
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from ._base import WorkerSetup
+from ._base import ChunkTask, WorkerSetup
 from .processes import LIVE, ProcessBackend
+
+if TYPE_CHECKING:
+    from .._prefork import Forked
 
 __all__ = ["discard_warm_pool", "get_warm_pool", "peek_warm_pool", "shutdown_warm_pools"]
 
@@ -22,10 +27,18 @@ _LOCK = threading.Lock()
 
 
 def get_warm_pool(n_workers: int, start_method: str | None, *, thread_cap: int | None = None,
-                  memory_growth_bytes: int | None = None) -> ProcessBackend:
-    """The reusable pool for ``start_method``, started or grown to ``n_workers``."""
+                  memory_growth_bytes: int | None = None,
+                  adopt: Sequence[tuple[Forked, ChunkTask]] = ()) -> ProcessBackend:
+    """The reusable pool for ``start_method``, started or grown to ``n_workers``.
+
+    ``adopt``: workers already forked with their first chunks (``_prefork``) become the new
+    pool's first workers; a pool that was alive is then stopped after its queued work.
+    """
     with _LOCK:
         pool = _WARM.get(start_method)
+        if adopt and pool is not None:
+            pool.shutdown(wait=False)
+            pool = None
         if pool is not None and pool.alive and not pool.has_initializer:
             pool._mgr.growth_limit = memory_growth_bytes  # type: ignore[attr-defined]
             pool.resize(n_workers)
@@ -34,7 +47,7 @@ def get_warm_pool(n_workers: int, start_method: str | None, *, thread_cap: int |
             pool.shutdown(wait=False, kill=True)
         pool = ProcessBackend(n_workers, start_method=start_method,
                               setup=WorkerSetup(thread_cap=thread_cap),
-                              memory_growth_bytes=memory_growth_bytes)
+                              memory_growth_bytes=memory_growth_bytes, adopt=adopt)
         _WARM[start_method] = pool
         return pool
 

@@ -14,11 +14,12 @@ import os
 import weakref
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._errors import AmortuneError, NotPicklableError
 from .._model import PROCESS_DISPATCH_SECONDS
 from .._serde import dumps, first_unpicklable, note_item
+from .._start import choose_start, start_cost
 from ._base import (
     Backend,
     BackendInfo,
@@ -30,7 +31,9 @@ from ._base import (
     failed,
 )
 from ._manager import Flags, Manager, Pending
-from ._start import choose_start, start_cost
+
+if TYPE_CHECKING:
+    from .._prefork import Forked
 
 __all__ = ["PROCESS_DISPATCH_SECONDS", "ProcessBackend"]
 
@@ -64,7 +67,8 @@ class ProcessBackend(Backend):
                  slots: Sequence[Slot] | None = None, setup: WorkerSetup | None = None,
                  thread_cap: int | None = None, max_tasks_per_child: int | None = None,
                  memory_growth_bytes: int | None = None,
-                 start_timeout_seconds: float = 60.0) -> None:
+                 start_timeout_seconds: float = 60.0,
+                 adopt: Sequence[tuple[Forked, ChunkTask]] = ()) -> None:
         slot_list = list(slots) if slots is not None else [Slot(i) for i in range(n_workers)]
         if not slot_list:
             raise ValueError(f"n_workers must be >= 1, got {n_workers}")
@@ -86,8 +90,20 @@ class ProcessBackend(Backend):
                             init_payload=init, max_tasks=max_tasks_per_child, flags=self.flags,
                             start_timeout_seconds=start_timeout_seconds)
         self._mgr.growth_limit = memory_growth_bytes  # type: ignore[attr-defined]
-        if plan.first == "fork":
-            self._mgr.fork_initial()  # before the manager thread exists: one thread forks
+        #: Futures of the tasks the adopted workers (``adopt``) inherited, in their order.
+        self.adopted: list[ChunkFuture] = []
+        pending = []
+        for forked, task in adopt:
+            fut = ChunkFuture(self._cancel_running)
+            p = Pending(task, forked.payload, fut, forked.task_id)
+            fut._amortune_pending = p  # type: ignore[attr-defined]
+            fut.set_running_or_notify_cancel()
+            pending.append((forked, p))
+            self.adopted.append(fut)
+        # Before the manager thread exists: one thread forks.
+        self._mgr.fork_initial(pending, spawn=plan.first == "fork")
+        if pending:
+            self._mgr.sent.set()
         self._mgr.thread.start()
         LIVE.add(self)
 

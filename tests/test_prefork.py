@@ -1,0 +1,180 @@
+"""Workers forked before the engine loads, each with its first chunk inherited (``_prefork``).
+
+This happens only in a fresh process (one that has not imported the process engine), so every
+case runs a script in a new interpreter: the results are ``map``'s, errors keep their type, index
+and the worker's traceback, a crash or Ctrl-C neither hangs the call nor leaves work running, and
+the adopted workers serve the rest of the run and later calls.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import amortune
+
+ROOT = Path(__file__).resolve().parent.parent
+
+SCRIPT = textwrap.dedent("""
+    import functools, json, os, sys, time
+    import amortune
+    from amortune import _execute, _optimize
+    from tests import tasks
+
+    seen = {"forked": None}
+    fork = _execute._fork_with_chunks
+
+    def watched(*args, **kwargs):
+        out = fork(*args, **kwargs)
+        if out is not None:
+            seen["forked"] = [[start, len(items)] for start, items, _, _ in out[1]]
+            seen["pids"] = out[0].pids()
+        return out
+
+    _execute._fork_with_chunks = watched
+
+    def in_main(x):  # a __main__ function: later workers get it by value
+        tasks.spin(0.002)
+        return -x
+
+    def run(case, marks):
+        if case == "list":
+            return amortune.execute(tasks.spin_square_failing, list(range(300)))
+        if case == "generator":
+            return amortune.execute(tasks.spin_square_failing, (i for i in range(300)))
+        if case == "numpy":
+            import numpy as np
+            return [int(v) for v in amortune.execute(tasks.spin_square_failing, np.arange(300))]
+        if case == "main":
+            return amortune.execute(in_main, range(300))
+        if case == "error":
+            func = functools.partial(tasks.spin_square_failing, in_worker_at=3)
+            try:
+                amortune.execute(func, range(300))
+            except KeyError as exc:
+                return ["KeyError", exc.amortune_index, type(exc.__cause__).__name__]
+        if case == "crash":
+            try:
+                amortune.execute(tasks.spin_kill_at_5, range(300))
+            except amortune.WorkerCrashedError as exc:
+                return ["WorkerCrashedError", 5 in exc.indices]
+        if case == "interrupt":
+            _execute.PRELAUNCH_SECONDS = 2.0  # chunks that run on for ~1 s
+
+            def interrupted(*args, **kwargs):
+                raise KeyboardInterrupt
+
+            _optimize.sample = interrupted
+            func = functools.partial(tasks.spin_square_failing, marks=marks)
+            try:
+                amortune.execute(func, range(3000))
+            except KeyboardInterrupt:
+                stopped = len(os.listdir(marks))
+                time.sleep(0.3)
+                return ["KeyboardInterrupt", stopped, len(os.listdir(marks))]
+        if case.startswith("at="):
+            at = tuple(json.loads(case[3:]))
+            try:
+                amortune.execute(functools.partial(tasks.spin_square_failing, at=at), range(300))
+            except LookupError as exc:
+                return [exc.args[0], exc.amortune_index]
+        if case == "again":
+            first = amortune.execute(tasks.spin_square_failing, range(300))
+            second = amortune.execute(tasks.spin_pid, range(300))
+            return [first == [x * x for x in range(300)], sorted(set(second) - {os.getpid()})]
+        raise AssertionError(case)
+
+    if __name__ == "__main__":
+        out = run(sys.argv[1], sys.argv[2])
+        print(json.dumps({"out": out, **seen}))
+""")
+
+
+def _run(tmp_path: Path, case: str) -> dict[str, Any]:
+    script = tmp_path / "prefork.py"
+    script.write_text(SCRIPT)
+    marks = tmp_path / "marks"
+    marks.mkdir(exist_ok=True)
+    for old in marks.iterdir():
+        old.unlink()
+    proc = subprocess.run([sys.executable, str(script), case, str(marks)], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    got: dict[str, Any] = json.loads(proc.stdout)
+    return got
+
+
+@pytest.fixture(autouse=True)
+def _two_cores() -> None:
+    if amortune.probe_system().usable_cores < 2:
+        pytest.skip("workers start early only with two usable cores")
+
+
+def _check_chunks(forked: list[list[int]], n: int) -> None:
+    assert forked, "no worker was forked with a chunk"
+    assert forked[0][0] == 2  # the first look ran items 0 and 1
+    ends = [start + size for start, size in forked]
+    assert [start for start, _ in forked[1:]] == ends[:-1]  # contiguous, in input order
+    assert sum(size for _, size in forked) <= n // 4
+
+
+@pytest.mark.parametrize(("case", "expected"), [
+    ("list", [x * x for x in range(300)]),
+    ("generator", [x * x for x in range(300)]),
+    ("numpy", [x * x for x in range(300)]),
+    ("main", [-x for x in range(300)]),
+])
+def test_workers_forked_with_their_first_chunk_return_what_map_returns(
+        tmp_path: Path, case: str, expected: list[int]) -> None:
+    got = _run(tmp_path, case)
+    assert got["out"] == expected
+    _check_chunks(got["forked"], 300)
+
+
+def test_an_error_in_an_inherited_chunk_keeps_its_type_index_and_traceback(
+        tmp_path: Path) -> None:
+    got = _run(tmp_path, "error")
+    assert got["out"] == ["KeyError", 3, "RemoteTraceback"]
+    assert got["forked"] and got["forked"][0][0] <= 3 < got["forked"][0][0] + got["forked"][0][1]
+
+
+def test_a_worker_killed_in_its_inherited_chunk_fails_the_call_with_that_chunk(
+        tmp_path: Path) -> None:
+    got = _run(tmp_path, "crash")
+    assert got["out"] == ["WorkerCrashedError", True]
+    assert got["forked"]
+
+
+def test_ctrl_c_while_planning_stops_the_inherited_chunks(tmp_path: Path) -> None:
+    got = _run(tmp_path, "interrupt")
+    name, stopped, later = got["out"]
+    assert name == "KeyboardInterrupt"
+    assert later == stopped  # nothing of the call ran on after it
+    assert stopped < sum(size for _, size in got["forked"])
+
+
+def test_the_adopted_workers_are_the_warm_pool_of_later_calls(tmp_path: Path) -> None:
+    got = _run(tmp_path, "again")
+    same, pids = got["out"]
+    assert same and pids
+    assert set(pids) <= set(got["pids"])  # the next call ran on the same processes
+
+
+@settings(max_examples=6, deadline=None)
+@given(at=st.lists(st.integers(2, 150), min_size=1, max_size=3, unique=True))
+def test_in_a_fresh_process_the_first_failing_item_in_input_order_raises(
+        tmp_path_factory: pytest.TempPathFactory, at: list[int]) -> None:
+    # Failures in the inherited chunks, the sample or later chunks: the earliest wins, as in map.
+    got = _run(tmp_path_factory.mktemp("at"), "at=" + json.dumps(at))
+    assert got["out"] == [min(at), min(at)]
+    assert got["forked"]
