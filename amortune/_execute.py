@@ -169,20 +169,26 @@ def _fork_with_chunks(func: Callable[..., Any], chunks: list[tuple[int, list[Any
                       ) -> tuple[ProcessBackend, list[Adopted], FunctionRef] | None:
     """Fork a worker per chunk before the engine loads, then start the warm pool around them."""
     from ._config import Config
-    from ._prefork import fork_with_chunks
+    from ._prefork import abandon, fork_with_chunks
 
     growth = Config().worker_memory_growth_bytes
     forked = fork_with_chunks(func, chunks, thread_cap=1, growth_limit=growth)
     if forked is None:
         return None
-    from .backends._base import ChunkTask, FunctionRef, WorkerSetup, environment_snapshot
-    from .backends._warm import get_warm_pool
+    try:
+        from .backends._base import ChunkTask, FunctionRef, WorkerSetup, environment_snapshot
+        from .backends._warm import get_warm_pool
 
-    fn = FunctionRef(func, forked.func_payload, forked.token)
-    setup = WorkerSetup(thread_cap=1, env=environment_snapshot())
-    tasks = [(w, ChunkTask(fn, w.items, w.start, "item", None, setup)) for w in forked.workers]
-    pool = get_warm_pool(cores, None, thread_cap=1, memory_growth_bytes=growth, adopt=tasks)
-    sent: list[Adopted] = [(w.start, w.items, fut, w.started) for w, fut in zip(forked.workers, pool.adopted, strict=True)]
+        fn = FunctionRef(func, forked.func_payload, forked.token)
+        setup = WorkerSetup(thread_cap=1, env=environment_snapshot())
+        tasks = [(w, ChunkTask(fn, w.items, w.start, "item", None, setup))
+                 for w in forked.workers]
+        pool = get_warm_pool(cores, None, thread_cap=1, memory_growth_bytes=growth, adopt=tasks)
+    except BaseException:  # Ctrl-C before the pool owns them: no worker runs on
+        abandon(forked)
+        raise
+    sent: list[Adopted] = [(w.start, w.items, fut, w.started)
+                           for w, fut in zip(forked.workers, pool.adopted, strict=True)]
     return pool, sent, fn
 
 

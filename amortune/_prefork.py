@@ -21,7 +21,7 @@ from ._serde import digest, dumps, dumps_function
 from ._serve import load_prctl, worker_main
 from ._start import choose_start
 
-__all__ = ["Forked", "PreForked", "fork_with_chunks"]
+__all__ = ["Forked", "PreForked", "abandon", "fork_with_chunks"]
 
 
 class Forked(NamedTuple):
@@ -83,3 +83,12 @@ def fork_with_chunks(func: Callable[..., Any], chunks: Sequence[tuple[int, list[
             child.close()
         workers.append(Forked(proc, parent, run.task_id, start, items, payload, started))
     return PreForked(func_payload, token, workers) if workers else None
+
+
+def abandon(forked: PreForked) -> None:
+    """Kill and reap workers no pool adopted (the caller was interrupted before it could)."""
+    for w in forked.workers:
+        w.process.kill()
+    for w in forked.workers:
+        w.process.join()
+        w.conn.close()

@@ -81,6 +81,34 @@ SCRIPT = textwrap.dedent("""
                 stopped = len(os.listdir(marks))
                 time.sleep(0.3)
                 return ["KeyboardInterrupt", stopped, len(os.listdir(marks))]
+        if case == "interrupt-adopt":  # Ctrl-C after the fork, before the pool adopts them
+            import multiprocessing
+            from amortune.backends import _warm
+
+            _execute._engine_loaded = lambda: False
+            _execute.PRELAUNCH_SECONDS = 2.0
+
+            def interrupted(*args, **kwargs):
+                raise KeyboardInterrupt
+
+            _warm.get_warm_pool = interrupted
+            from amortune import _prefork
+            fork_with_chunks = _prefork.fork_with_chunks
+
+            def counted(*args, **kwargs):
+                out = fork_with_chunks(*args, **kwargs)
+                seen["n_forked"] = 0 if out is None else len(out.workers)
+                return out
+
+            _prefork.fork_with_chunks = counted
+            func = functools.partial(tasks.spin_square_failing, marks=marks)
+            try:
+                amortune.execute(func, range(3000))
+            except KeyboardInterrupt:
+                stopped = len(os.listdir(marks))
+                time.sleep(0.3)
+                return ["KeyboardInterrupt", stopped, len(os.listdir(marks)),
+                        len(multiprocessing.active_children())]
         if case.startswith("at="):
             at = tuple(json.loads(case[3:]))
             try:
@@ -161,6 +189,14 @@ def test_ctrl_c_while_planning_stops_the_inherited_chunks(tmp_path: Path) -> Non
     assert name == "KeyboardInterrupt"
     assert later == stopped  # nothing of the call ran on after it
     assert stopped < sum(size for _, size in got["forked"])
+
+
+def test_ctrl_c_before_the_pool_adopts_the_workers_kills_them(tmp_path: Path) -> None:
+    got = _run(tmp_path, "interrupt-adopt")
+    assert got["out"][0] == "KeyboardInterrupt"
+    _, stopped, later, children = got["out"]
+    assert got["n_forked"] >= 1  # workers were forked with chunks of ~2 s each
+    assert later == stopped and children == 0  # killed: nothing of the call runs on
 
 
 def test_the_adopted_workers_are_the_warm_pool_of_later_calls(tmp_path: Path) -> None:
