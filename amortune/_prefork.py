@@ -12,12 +12,13 @@ sent those chunks. Imports the standard library, ``_protocol``, ``_serde``, ``_s
 from __future__ import annotations
 
 import multiprocessing
+import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from ._protocol import TASK_IDS, Run
-from ._serde import digest, dumps, dumps_function
+from ._serde import dumps, dumps_function
 from ._serve import load_prctl, worker_main
 from ._start import choose_start
 
@@ -49,16 +50,18 @@ def fork_with_chunks(func: Callable[..., Any], chunks: Sequence[tuple[int, list[
     """Fork one worker per chunk, ``(start, items)``, each running its chunk at once.
 
     ``None`` when forking is not safe here (another thread, CUDA, a start method the user chose)
-    or ``func`` cannot be pickled for the workers started later; a chunk whose items cannot be
-    pickled, and every chunk after it, gets no worker (the planner meets the problem).
+    or ``func`` cannot be pickled for the workers started later (those forked are then killed);
+    a chunk whose items cannot be pickled, and every chunk after it, gets no worker (the planner
+    meets the problem).
+
+    ``func`` is pickled after the forks: a function from ``__main__`` travels by value, and the
+    ~12 ms import of cloudpickle is then paid while the workers compute. The workers hold it
+    under a token of this call's own (a later call's function, named by its pickled form, is
+    sent to them as to any worker).
     """
     if choose_start(None).first != "fork" or multiprocessing.current_process().daemon:
         return None
-    try:
-        func_payload = dumps_function(func)
-    except Exception:
-        return None
-    token = digest(func_payload)
+    token = f"inherited-{os.getpid()}-{next(TASK_IDS)}"
     ctx = multiprocessing.get_context("fork")
     load_prctl()  # loaded once, here: the children need no import to die with this process
     workers: list[Forked] = []
@@ -82,7 +85,17 @@ def fork_with_chunks(func: Callable[..., Any], chunks: Sequence[tuple[int, list[
         finally:
             child.close()
         workers.append(Forked(proc, parent, run.task_id, start, items, payload, started))
-    return PreForked(func_payload, token, workers) if workers else None
+    if not workers:
+        return None
+    forked = PreForked(b"", token, workers)
+    try:
+        return forked._replace(func_payload=dumps_function(func))
+    except Exception:
+        abandon(forked)
+        return None
+    except BaseException:  # Ctrl-C while pickling: no worker may run on
+        abandon(forked)
+        raise
 
 
 def abandon(forked: PreForked) -> None:

@@ -109,6 +109,25 @@ SCRIPT = textwrap.dedent("""
                 time.sleep(0.3)
                 return ["KeyboardInterrupt", stopped, len(os.listdir(marks)),
                         len(multiprocessing.active_children())]
+        if case == "unpicklable":  # later workers could not get it: the forked ones are killed
+            import threading
+            from amortune import _prefork
+            lock = threading.Lock()
+            abandon = _prefork.abandon
+
+            def counted(forked):
+                seen["abandoned"] = len(forked.workers)
+                abandon(forked)
+                seen["alive"] = sum(w.process.is_alive() for w in forked.workers)
+
+            _prefork.abandon = counted
+
+            def holds_lock(x):
+                with lock:
+                    tasks.spin(0.002)
+                return x * x
+
+            return amortune.execute(holds_lock, range(300))
         if case.startswith("at="):
             at = tuple(json.loads(case[3:]))
             try:
@@ -167,6 +186,14 @@ def test_workers_forked_with_their_first_chunk_return_what_map_returns(
     got = _run(tmp_path, case)
     assert got["out"] == expected
     _check_chunks(got["forked"], 300)
+
+
+def test_a_function_that_cannot_be_pickled_kills_the_workers_forked_with_it(
+        tmp_path: Path) -> None:
+    got = _run(tmp_path, "unpicklable")
+    assert got["out"] == [x * x for x in range(300)]
+    assert got["forked"] is None  # nothing adopted: the planner met the function as always
+    assert got["abandoned"] >= 1 and got["alive"] == 0
 
 
 def test_an_error_in_an_inherited_chunk_keeps_its_type_index_and_traceback(
