@@ -9,6 +9,7 @@ by-value function captures is rebound); :func:`as_stdlib` turns amortune's
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -79,7 +80,7 @@ def _captured(func: Any) -> Any:
 def _same(a: Any, b: Any) -> bool:
     """Two :func:`_captured` keys hold the very same objects (identity, not equality)."""
     return (a is not _UNCACHEABLE and b is not _UNCACHEABLE and len(a) == len(b)
-            and all(x is y for x, y in zip(a, b, strict=True)))
+            and all(map(operator.is_, a, b)))
 
 
 def _filled(cell: Any) -> bool:

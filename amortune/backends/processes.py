@@ -175,7 +175,8 @@ class ProcessBackend(Backend):
             if self.flags.closing:
                 raise RuntimeError("cannot submit to a backend that is shut down")
             self._mgr.pending.append(p)
-            self._mgr.sent.clear()
+            if self._mgr.sent.is_set():  # clear() takes the event's lock: only when needed
+                self._mgr.sent.clear()
         self._mgr.wake()
         return fut
 
