@@ -128,6 +128,13 @@ SCRIPT = textwrap.dedent("""
                 return x * x
 
             return amortune.execute(holds_lock, range(300))
+        if case == "forkserver":  # the user's start method: no fork, before or after the engine
+            import multiprocessing
+            multiprocessing.set_start_method("forkserver")
+            out = amortune.execute(tasks.spin_square_failing, range(300))
+            from amortune.backends._warm import all_warm_pools
+            seen["methods"] = sorted({p.start_method for p in all_warm_pools()})
+            return out
         if case.startswith("at="):
             at = tuple(json.loads(case[3:]))
             try:
@@ -194,6 +201,12 @@ def test_a_function_that_cannot_be_pickled_kills_the_workers_forked_with_it(
     assert got["out"] == [x * x for x in range(300)]
     assert got["forked"] is None  # nothing adopted: the planner met the function as always
     assert got["abandoned"] >= 1 and got["alive"] == 0
+
+
+def test_a_start_method_the_user_set_is_honoured_without_an_early_fork(tmp_path: Path) -> None:
+    got = _run(tmp_path, "forkserver")
+    assert got["out"] == [x * x for x in range(300)]
+    assert got["forked"] is None and got["methods"] == ["forkserver"]
 
 
 def test_an_error_in_an_inherited_chunk_keeps_its_type_index_and_traceback(
