@@ -12,13 +12,12 @@ sent those chunks. Imports the standard library, ``_protocol``, ``_serde``, ``_s
 from __future__ import annotations
 
 import multiprocessing
-import os
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from ._protocol import TASK_IDS, Run
-from ._serde import dumps, dumps_function
+from ._serde import digest, dumps, dumps_function
 from ._serve import load_prctl, worker_main
 from ._start import choose_start
 
@@ -50,52 +49,54 @@ def fork_with_chunks(func: Callable[..., Any], chunks: Sequence[tuple[int, list[
     """Fork one worker per chunk, ``(start, items)``, each running its chunk at once.
 
     ``None`` when forking is not safe here (another thread, CUDA, a start method the user chose)
-    or ``func`` cannot be pickled for the workers started later (those forked are then killed);
-    a chunk whose items cannot be pickled, and every chunk after it, gets no worker (the planner
+    or ``func`` cannot be pickled for the workers started later; a chunk whose items cannot be pickled, and every chunk after it, gets no worker (the planner
     meets the problem).
 
-    ``func`` is pickled after the forks: a function from ``__main__`` travels by value, and the
-    ~12 ms import of cloudpickle is then paid while the workers compute. The workers hold it
-    under a token of this call's own (a later call's function, named by its pickled form, is
-    sent to them as to any worker).
+    ``func`` is pickled first, and one that cannot be pickled forks nothing: it never runs in a
+    worker (what makes it unpicklable, an open file, a socket, a lock, is what a child must not
+    share), and no item runs twice.
     """
     if choose_start(None).first != "fork" or multiprocessing.current_process().daemon:
         return None
-    token = f"inherited-{os.getpid()}-{next(TASK_IDS)}"
+    try:
+        func_payload = dumps_function(func)
+    except Exception:
+        return None
+    token = digest(func_payload)
     ctx = multiprocessing.get_context("fork")
     load_prctl()  # loaded once, here: the children need no import to die with this process
     workers: list[Forked] = []
-    for start, items in chunks:
-        try:
-            payload = dumps(items)
-        except Exception:
-            break
-        run = Run(next(TASK_IDS), token, start, "item", payload, False, growth_limit)
-        parent, child = ctx.Pipe(duplex=True)
-        inherited = [parent, *(w.conn for w in workers)]
-        proc = ctx.Process(target=worker_main, name=f"amortune-worker-{len(workers)}",
-                           args=(child, thread_cap, None, None, "fork", inherited, (), (func, run)),
-                           daemon=True)
-        started = time.perf_counter()
-        try:
-            proc.start()
-        except Exception:
-            parent.close()
-            break
-        finally:
-            child.close()
-        workers.append(Forked(proc, parent, run.task_id, start, items, payload, started))
-    if not workers:
-        return None
-    forked = PreForked(b"", token, workers)
+    proc: Any = None
     try:
-        return forked._replace(func_payload=dumps_function(func))
-    except Exception:
-        abandon(forked)
-        return None
-    except BaseException:  # Ctrl-C while pickling: no worker may run on
-        abandon(forked)
+        for start, items in chunks:
+            try:
+                payload = dumps(items)
+            except Exception:
+                break
+            run = Run(next(TASK_IDS), token, start, "item", payload, False, growth_limit)
+            parent, child = ctx.Pipe(duplex=True)
+            inherited = [parent, *(w.conn for w in workers)]
+            proc = ctx.Process(target=worker_main, name=f"amortune-worker-{len(workers)}",
+                               args=(child, thread_cap, None, None, "fork", inherited, (),
+                                     (func, run)),
+                               daemon=True)
+            started = time.perf_counter()
+            try:
+                proc.start()
+            except Exception:
+                parent.close()
+                break
+            finally:
+                child.close()
+            workers.append(Forked(proc, parent, run.task_id, start, items, payload, started))
+            proc = None
+    except BaseException:  # Ctrl-C while forking: no worker may run on
+        if proc is not None and getattr(proc, "_popen", None) is not None:
+            proc.kill()
+            proc.join()
+        abandon(PreForked(func_payload, token, workers))
         raise
+    return PreForked(func_payload, token, workers) if workers else None
 
 
 def abandon(forked: PreForked) -> None:

@@ -109,25 +109,30 @@ SCRIPT = textwrap.dedent("""
                 time.sleep(0.3)
                 return ["KeyboardInterrupt", stopped, len(os.listdir(marks)),
                         len(multiprocessing.active_children())]
-        if case == "unpicklable":  # later workers could not get it: the forked ones are killed
-            import threading
+        if case == "unpicklable":  # it holds an open file: it never runs in a worker
             from amortune import _prefork
-            lock = threading.Lock()
-            abandon = _prefork.abandon
+            log = open(os.path.join(marks, "log"), "a")
+            fork_with_chunks = _prefork.fork_with_chunks
 
-            def counted(forked):
-                seen["abandoned"] = len(forked.workers)
-                abandon(forked)
-                seen["alive"] = sum(w.process.is_alive() for w in forked.workers)
+            def counted(*args, **kwargs):
+                out = fork_with_chunks(*args, **kwargs)
+                seen["n_forked"] = 0 if out is None else len(out.workers)
+                return out
 
-            _prefork.abandon = counted
+            _prefork.fork_with_chunks = counted
 
-            def holds_lock(x):
-                with lock:
-                    tasks.spin(0.002)
+            def logs(x):
+                tasks.spin(0.002)
+                print(x, os.getpid(), file=log, flush=True)
                 return x * x
 
-            return amortune.execute(holds_lock, range(300))
+            out = amortune.execute(logs, range(300))
+            log.close()
+            with open(os.path.join(marks, "log")) as f:
+                lines = [line.split() for line in f]
+            seen["items"] = sorted(int(x) for x, _ in lines)
+            seen["pids"] = sorted({int(pid) for _, pid in lines})
+            return out
         if case == "forkserver":  # the user's start method: no fork, before or after the engine
             import multiprocessing
             multiprocessing.set_start_method("forkserver")
@@ -195,12 +200,14 @@ def test_workers_forked_with_their_first_chunk_return_what_map_returns(
     _check_chunks(got["forked"], 300)
 
 
-def test_a_function_that_cannot_be_pickled_kills_the_workers_forked_with_it(
-        tmp_path: Path) -> None:
+def test_a_function_that_cannot_be_pickled_never_runs_in_a_worker(tmp_path: Path) -> None:
+    # It holds an open file: forking it would share that file with children, and killing them
+    # once the pickling failed would run their items again in the caller.
     got = _run(tmp_path, "unpicklable")
     assert got["out"] == [x * x for x in range(300)]
-    assert got["forked"] is None  # nothing adopted: the planner met the function as always
-    assert got["abandoned"] >= 1 and got["alive"] == 0
+    assert got["forked"] is None and got["n_forked"] == 0
+    assert got["items"] == list(range(300))  # each item ran once
+    assert len(got["pids"]) == 1  # in the caller only
 
 
 def test_a_start_method_the_user_set_is_honoured_without_an_early_fork(tmp_path: Path) -> None:

@@ -123,7 +123,7 @@ class Manager:
             self._adopt(slot, forked, p)
         if spawn:
             for slot in self.slots[len(adopt):]:
-                self._spawn(slot, self.ctx_first, self.methods[0])
+                self._spawn(slot, self.ctx_first, self.methods[0], early=True)
 
     def _adopt(self, slot: Slot, forked: Forked, p: Pending) -> None:
         w = WorkerState(forked.process, forked.conn, slot, forked=True)
@@ -164,7 +164,8 @@ class Manager:
         finally:
             self._stop_all()
 
-    def _spawn(self, slot: Slot, ctx: Any, method: str) -> None:
+    def _spawn(self, slot: Slot, ctx: Any, method: str, early: bool = False) -> None:
+        """Start ``slot``'s worker; ``early``: forked now from the caller's only thread."""
         parent, child = ctx.Pipe(duplex=True)
         inherited: list[Any] = []
         load_prctl()
@@ -181,7 +182,10 @@ class Manager:
             raise
         finally:
             child.close()
-        self.workers.append(WorkerState(proc, parent, slot, forked=method == "fork"))
+        # Forked from the caller's only thread with no initializer to run, it is ready within
+        # milliseconds; any other worker may take long (or hang) before it is.
+        quick = early and method == "fork" and self.init_payload is None
+        self.workers.append(WorkerState(proc, parent, slot, forked=quick))
         if self.first_start is None:
             self.first_start = time.perf_counter()
 
@@ -277,8 +281,8 @@ class Manager:
                 if p is None:
                     return
                 self._send(w, p, False)
-        # A forked worker is ready within milliseconds: its first task waits in its pipe
-        # instead of behind another worker's, and starts the moment the worker can read it.
+        # A worker forked from the caller's only thread is ready within milliseconds: its first
+        # task waits in its pipe instead of behind another worker's.
         for w in self.workers:
             if w.forked and not w.ready and not w.retiring and w.task is None:
                 p = self._next_task()

@@ -54,7 +54,7 @@ class WorkerState:
 
     def __init__(self, process: Any, conn: Any, slot: Slot, forked: bool = False) -> None:
         self.process, self.conn, self.slot = process, conn, slot
-        self.forked = forked  # started by fork: ready within milliseconds
+        self.forked = forked  # forked from the caller's only thread: ready within milliseconds
         self.has_message = poller(conn)
         self.task: Pending | None = None
         # Sent behind ``task``, in order; the first starts when ``task`` replies.
