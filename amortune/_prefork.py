@@ -49,8 +49,8 @@ def fork_with_chunks(func: Callable[..., Any], chunks: Sequence[tuple[int, list[
     """Fork one worker per chunk, ``(start, items)``, each running its chunk at once.
 
     ``None`` when forking is not safe here (another thread, CUDA, a start method the user chose)
-    or ``func`` cannot be pickled for the workers started later; a chunk whose items cannot be pickled, and every chunk after it, gets no worker (the planner
-    meets the problem).
+    or ``func`` cannot be pickled for the workers started later; a chunk whose items cannot be
+    pickled, and every chunk after it, gets no worker (the planner meets the problem).
 
     ``func`` is pickled first, and one that cannot be pickled forks nothing: it never runs in a
     worker (what makes it unpicklable, an open file, a socket, a lock, is what a child must not
@@ -91,7 +91,7 @@ def fork_with_chunks(func: Callable[..., Any], chunks: Sequence[tuple[int, list[
             workers.append(Forked(proc, parent, run.task_id, start, items, payload, started))
             proc = None
     except BaseException:  # Ctrl-C while forking: no worker may run on
-        if proc is not None and getattr(proc, "_popen", None) is not None:
+        if proc is not None and proc.pid is not None:  # started, not yet in ``workers``
             proc.kill()
             proc.join()
         abandon(PreForked(func_payload, token, workers))

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = textwrap.dedent("""
     import functools, json, os, sys, time
     import amortune
-    from amortune import _execute, _optimize
+    from amortune import _execute, _optimize, _prefork
     from tests import tasks
 
     seen = {"forked": None}
@@ -41,6 +41,30 @@ SCRIPT = textwrap.dedent("""
         return out
 
     _execute._fork_with_chunks = watched
+    fork_with_chunks = _prefork.fork_with_chunks
+
+    def counted(*args, **kwargs):
+        out = fork_with_chunks(*args, **kwargs)
+        seen["n_forked"] = 0 if out is None else len(out.workers)
+        return out
+
+    _prefork.fork_with_chunks = counted
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    def run_interrupted(marks):  # chunks of ~1 s, interrupted: marks then, 0.3 s later, children
+        import multiprocessing
+        _execute.PRELAUNCH_SECONDS = 2.0
+        func = functools.partial(tasks.spin_square_failing, marks=marks)
+        try:
+            amortune.execute(func, range(3000))
+        except KeyboardInterrupt:
+            stopped = len(os.listdir(marks))
+            time.sleep(0.3)
+            return ["KeyboardInterrupt", stopped, len(os.listdir(marks)),
+                    len(multiprocessing.active_children())]
+        raise AssertionError("the call was not interrupted")
 
     def in_main(x):  # a __main__ function: later workers get it by value
         tasks.spin(0.002)
@@ -67,59 +91,17 @@ SCRIPT = textwrap.dedent("""
                 amortune.execute(tasks.spin_kill_at_5, range(300))
             except amortune.WorkerCrashedError as exc:
                 return ["WorkerCrashedError", 5 in exc.indices]
-        if case == "interrupt":
-            _execute.PRELAUNCH_SECONDS = 2.0  # chunks that run on for ~1 s
-
-            def interrupted(*args, **kwargs):
-                raise KeyboardInterrupt
-
+        if case == "interrupt":  # Ctrl-C while planning, after the pool adopted the workers
             _optimize.sample = interrupted
-            func = functools.partial(tasks.spin_square_failing, marks=marks)
-            try:
-                amortune.execute(func, range(3000))
-            except KeyboardInterrupt:
-                stopped = len(os.listdir(marks))
-                time.sleep(0.3)
-                return ["KeyboardInterrupt", stopped, len(os.listdir(marks))]
+            return run_interrupted(marks)
         if case == "interrupt-adopt":  # Ctrl-C after the fork, before the pool adopts them
-            import multiprocessing
             from amortune.backends import _warm
 
             _execute._engine_loaded = lambda: False
-            _execute.PRELAUNCH_SECONDS = 2.0
-
-            def interrupted(*args, **kwargs):
-                raise KeyboardInterrupt
-
             _warm.get_warm_pool = interrupted
-            from amortune import _prefork
-            fork_with_chunks = _prefork.fork_with_chunks
-
-            def counted(*args, **kwargs):
-                out = fork_with_chunks(*args, **kwargs)
-                seen["n_forked"] = 0 if out is None else len(out.workers)
-                return out
-
-            _prefork.fork_with_chunks = counted
-            func = functools.partial(tasks.spin_square_failing, marks=marks)
-            try:
-                amortune.execute(func, range(3000))
-            except KeyboardInterrupt:
-                stopped = len(os.listdir(marks))
-                time.sleep(0.3)
-                return ["KeyboardInterrupt", stopped, len(os.listdir(marks)),
-                        len(multiprocessing.active_children())]
+            return run_interrupted(marks)
         if case == "unpicklable":  # it holds an open file: it never runs in a worker
-            from amortune import _prefork
             log = open(os.path.join(marks, "log"), "a")
-            fork_with_chunks = _prefork.fork_with_chunks
-
-            def counted(*args, **kwargs):
-                out = fork_with_chunks(*args, **kwargs)
-                seen["n_forked"] = 0 if out is None else len(out.workers)
-                return out
-
-            _prefork.fork_with_chunks = counted
 
             def logs(x):
                 tasks.spin(0.002)
@@ -232,7 +214,7 @@ def test_a_worker_killed_in_its_inherited_chunk_fails_the_call_with_that_chunk(
 
 def test_ctrl_c_while_planning_stops_the_inherited_chunks(tmp_path: Path) -> None:
     got = _run(tmp_path, "interrupt")
-    name, stopped, later = got["out"]
+    name, stopped, later, _ = got["out"]
     assert name == "KeyboardInterrupt"
     assert later == stopped  # nothing of the call ran on after it
     assert stopped < sum(size for _, size in got["forked"])

@@ -217,9 +217,10 @@ class Manager:
                     self.retry_start_at = time.perf_counter() + _START_RETRY_SECONDS
                     break
             self._assign()
-            with flags.lock:
-                if not self.pending:
-                    self.sent.set()
+            if not self.sent.is_set():  # (set already: no lock taken on every round)
+                with flags.lock:
+                    if not self.pending:
+                        self.sent.set()
             ready = self._wait_ready(self._next_deadline())
             if self.wake_r in ready:
                 while self.wake_ready():

@@ -102,8 +102,6 @@ class ProcessBackend(Backend):
             self.adopted.append(fut)
         # Before the manager thread exists: one thread forks.
         self._mgr.fork_initial(pending, spawn=plan.first == "fork")
-        if pending:
-            self._mgr.sent.set()
         self._mgr.thread.start()
         LIVE.add(self)
 
