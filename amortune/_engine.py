@@ -25,6 +25,7 @@ from ._optimize import PlannedRun, _costs
 from ._policy import ChunkPolicy, FixedChunkPolicy
 from ._record import record, replace
 from ._schedule import Adopted, Scheduler
+from ._start import in_worker_process
 from ._stats import RunStats, active_recorders
 from ._worker import rss_bytes
 from .backends._base import Backend, FunctionRef, WorkerSetup, environment_snapshot
@@ -149,7 +150,7 @@ def stream(func: Callable[..., Any], run: PlannedRun, config: Config, items: Ite
             and plan.profile.picklable and run.sampled.function_probed
             and opts.caller_may_run and n_remaining
             and run.n_jobs_limit is None and run.system.usable_cores > 1
-            and not run.chunksize_pinned and not _in_worker()):
+            and not run.chunksize_pinned and not in_worker_process()):
         escalate = _Escalation(run, config, opts, stats)
     sched = Scheduler(
         backend, fn or FunctionRef(func, run.sampled.func_bytes), policy=_policy(run, config, backend, n_workers),
@@ -210,13 +211,6 @@ def sample_stats(run: PlannedRun, offset: int, started: float) -> RunStats:
         stats.items += n
         stats.chunks += 1
     return stats
-
-
-def _in_worker() -> bool:
-    import sys
-
-    mp = sys.modules.get("multiprocessing")
-    return bool(mp is not None and mp.current_process().daemon)
 
 
 class _Escalation:

@@ -83,9 +83,9 @@ PRELAUNCH_SEND_SECONDS = 0.005
 
 def _usable_cores() -> int:
     """Cores this process may use, or 0 where it cannot start workers (it is one itself)."""
-    import multiprocessing
+    from ._start import in_worker_process
 
-    if multiprocessing.current_process().daemon:
+    if in_worker_process():
         return 0  # a worker process cannot start workers of its own
     from ._config import Config
     from ._system import probe_system

@@ -25,7 +25,7 @@ from ._model import (
 from ._plan import OptimizationResult
 from ._profile import Sampled, finish_function_probe, sample, unsampled
 from ._record import record, replace
-from ._start import choose_start, start_cost
+from ._start import choose_start, in_worker_process, start_cost
 from ._system import SystemSnapshot, probe_system
 from .backends import Backend, resolve_backend
 
@@ -134,7 +134,7 @@ def plan_run(
     n_jobs = normalise_n_jobs(n_jobs, slots)
     reasons: list[str] = []
     warnings: list[str] = []
-    if backend is None and executor in (None, "processes") and _in_daemon_process():
+    if backend is None and executor in (None, "processes") and in_worker_process():
         if executor == "processes":
             warnings.append("processes are not available inside a worker process; running "
                             "serially instead")
@@ -150,7 +150,7 @@ def plan_run(
     if config.timeout_seconds is not None and executor in ("serial", "threads"):
         warnings.append(f"timeout is ignored: {executor} cannot be stopped in the middle of "
                         "an item; only processes can")
-    elif isolate and executor != "serial" and not _in_daemon_process():
+    elif isolate and executor != "serial" and not in_worker_process():
         if (sampled := unsampled(func, data)) is not None:
             # Only a process can be stopped in the middle of an item (or survive a crash), so
             # no item runs in the caller: chunks start at one item and grow with measured times.
@@ -213,11 +213,6 @@ def plan_run(
     return PlannedRun(plan, sampled, system, chunksize_pinned=chunksize is not None,
                       fallbacks=tuple(warnings), backend=backend, n_jobs_limit=n_jobs,
                       executor_pinned=pinned, backend_owned=owned and backend is not None)
-
-
-def _in_daemon_process() -> bool:
-    mp = sys.modules.get("multiprocessing")
-    return bool(mp is not None and mp.current_process().daemon)
 
 
 def optimize(

@@ -9,8 +9,8 @@ One duplex pipe to the caller's manager thread::
     caller ──None──▶ exit
 
 A worker never outlives the caller: the kernel SIGKILLs it when its parent dies (Linux) and it
-exits on EOF of its pipe. Imports the standard library, ``_errors``, ``_serde``, ``_protocol``
-and ``_worker``.
+exits on EOF of its pipe. Imports the standard library, ``_errors``, ``_serde``, ``_protocol``,
+``_start`` and ``_worker``.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from ._protocol import (
     Tick,
 )
 from ._serde import dumps, first_unpicklable
+from ._start import mark_worker
 from ._worker import (
     _NATIVE_POOL_MODULES,
     FUNC_CACHE_SIZE,
@@ -76,16 +77,21 @@ def load_prctl() -> Any:
     return _prctl or None
 
 
-def _die_with_parent(parent_is_forkserver: bool) -> None:
+def _die_with_parent(parent_is_forkserver: bool, parent_pid: int | None = None) -> None:
     """Ask the kernel to SIGKILL this worker when its parent dies, then exit if that happened.
 
     Forkserver workers also drop their copy of the server's "alive" pipe: the server exits when
     its last holder closes it, and a busy worker would otherwise keep it alive forever after a
-    SIGKILLed caller.
+    SIGKILLed caller. ``parent_pid``: a worker forked by ``_prefork`` knows its parent without
+    ``multiprocessing`` (which it has not imported).
     """
     prctl = load_prctl()
     if prctl is not None:
         prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    if parent_pid is not None:
+        if os.getppid() != parent_pid:
+            os._exit(1)
+        return
     import multiprocessing
 
     if parent_is_forkserver:
@@ -116,6 +122,7 @@ def worker_main(
     inherited: Sequence[Any] = (),
     env: Sequence[tuple[str, str]] = (),
     first: tuple[Any, Run] | None = None,
+    parent_pid: int | None = None,
 ) -> None:
     """Entry point of a worker process: serve tasks from ``conn`` until told to stop.
 
@@ -124,12 +131,13 @@ def worker_main(
     caller goes away. ``env`` is the slot's own environment (a device id), set before the
     initializer runs. A ``SystemExit`` from ``func`` ends the worker with that exit code.
     ``first`` is a forked child's first task, inherited with its function instead of sent:
-    ``(func, Run)``, served before anything from ``conn``.
+    ``(func, Run)``, served before anything from ``conn``; ``parent_pid``, its parent's pid.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    mark_worker()
     for other in inherited:
         other.close()
-    _die_with_parent(start_method == "forkserver")
+    _die_with_parent(start_method == "forkserver", parent_pid)
     os.environ.update(dict(env))
     limit_native_threads(n_threads)
     try:

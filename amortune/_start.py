@@ -18,7 +18,8 @@ import threading
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-__all__ = ["StartPlan", "choose_start", "start_cost", "record_start_cost"]
+__all__ = ["StartPlan", "choose_start", "in_worker_process", "mark_worker", "record_start_cost",
+           "start_cost"]
 
 
 class StartPlan(NamedTuple):
@@ -34,6 +35,25 @@ _MEASURED: dict[str, tuple[float, float]] = {}
 #: Before anything is measured: a fork is ready in ~3-10 ms, a cold forkserver or spawn needs a
 #: fresh interpreter (~0.1 s; benchmarks/calibrate.py).
 _DEFAULTS = {"fork": (0.01, 0.003), "forkserver": (0.1, 0.006), "spawn": (0.1, 0.05)}
+
+
+_in_worker = False
+
+
+def mark_worker() -> None:
+    """Note that this process is one of amortune's workers (it must start none of its own)."""
+    global _in_worker
+    _in_worker = True
+
+
+def in_worker_process() -> bool:
+    """Whether this process is a worker, amortune's or ``multiprocessing``'s, so it starts no
+    workers of its own (a worker forked before ``multiprocessing`` was imported says so through
+    :func:`mark_worker`)."""
+    if _in_worker:
+        return True
+    mp = sys.modules.get("multiprocessing")
+    return bool(mp is not None and mp.current_process().daemon)
 
 
 def _cuda_initialised() -> bool:

@@ -475,9 +475,9 @@ def spin_square_failing(x: int, *, in_worker_at: int | None = None,
     process, ``ValueError`` from item ``in_caller_from`` on in the calling process (where
     the planner samples) and ``LookupError`` at the items ``at`` wherever they run. With ``marks``,
     a worker's item writes a file there when done."""
-    import multiprocessing
+    from amortune._start import in_worker_process  # not multiprocessing: the caller lacks it
 
-    in_worker = multiprocessing.parent_process() is not None
+    in_worker = in_worker_process()
     if not in_worker and in_caller_from is not None and x >= in_caller_from:
         raise ValueError(f"the caller's item {x}")
     spin(0.002)
@@ -493,10 +493,10 @@ def spin_square_failing(x: int, *, in_worker_at: int | None = None,
 
 def spin_kill_at_5(x: int) -> int:
     """2 ms of CPU; item 5 SIGKILLs the worker process running it (never the caller)."""
-    import multiprocessing
+    from amortune._start import in_worker_process
 
     spin(0.002)
-    if x == 5 and multiprocessing.parent_process() is not None:
+    if x == 5 and in_worker_process():
         os.kill(os.getpid(), signal.SIGKILL)
     return x
 
@@ -505,3 +505,16 @@ def spin_pid(x: int) -> int:
     """2 ms of CPU, then the PID of the process that ran this item."""
     spin(0.002)
     return os.getpid()
+
+
+def spin_as_seen_by_multiprocessing(x: int, caller: int) -> list[Any] | None:
+    """2 ms of CPU; in a worker, ``[pid, daemonic, parent's pid]`` as ``multiprocessing``
+    reports them (imported only there, so the caller never loads it)."""
+    spin(0.002)
+    if os.getpid() == caller:
+        return None
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    return [os.getpid(), multiprocessing.current_process().daemon,
+            None if parent is None else parent.pid]

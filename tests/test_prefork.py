@@ -38,6 +38,7 @@ SCRIPT = textwrap.dedent("""
         if out is not None:
             seen["forked"] = [[start, len(items)] for start, items, _, _ in out[1]]
             seen["pids"] = out[0].pids()
+            seen["kinds"] = sorted({type(w.process).__name__ for w in out[0]._mgr.workers})
         return out
 
     _execute._fork_with_chunks = watched
@@ -71,6 +72,15 @@ SCRIPT = textwrap.dedent("""
         return -x
 
     def run(case, marks):
+        if case == "mp-imported":  # multiprocessing.Process forks the workers
+            import multiprocessing
+            return amortune.execute(tasks.spin_square_failing, list(range(300)))
+        if case == "as-child":
+            caller = os.getpid()
+            out = amortune.execute(functools.partial(tasks.spin_as_seen_by_multiprocessing,
+                                                     caller=caller), range(300))
+            seen["caller_loaded_multiprocessing"] = "multiprocessing" in sys.modules
+            return [caller, [v for v in out if v is not None]]
         if case == "list":
             return amortune.execute(tasks.spin_square_failing, list(range(300)))
         if case == "generator":
@@ -136,6 +146,7 @@ SCRIPT = textwrap.dedent("""
 
     if __name__ == "__main__":
         out = run(sys.argv[1], sys.argv[2])
+        seen["multiprocessing"] = "multiprocessing" in sys.modules
         print(json.dumps({"out": out, **seen}))
 """)
 
@@ -180,6 +191,26 @@ def test_workers_forked_with_their_first_chunk_return_what_map_returns(
     got = _run(tmp_path, case)
     assert got["out"] == expected
     _check_chunks(got["forked"], 300)
+    # Forked by os.fork and adopted, with no multiprocessing import to delay them.
+    assert got["kinds"] == ["ForkedChild"] and not got["multiprocessing"]
+
+
+def test_where_the_script_imported_multiprocessing_it_forks_the_workers(tmp_path: Path) -> None:
+    got = _run(tmp_path, "mp-imported")
+    assert got["out"] == [x * x for x in range(300)]
+    _check_chunks(got["forked"], 300)
+    assert got["kinds"] == ["ForkProcess"]
+
+
+def test_a_worker_forked_before_multiprocessing_loaded_is_what_its_workers_are(
+        tmp_path: Path) -> None:
+    # Once it imports multiprocessing, it is daemonic (no children of its own, which nothing
+    # would stop when it is killed) and names the caller as its parent.
+    got = _run(tmp_path, "as-child")
+    caller, seen = got["out"]
+    assert seen and got["kinds"] == ["ForkedChild"]
+    assert {(daemonic, parent) for _, daemonic, parent in seen} == {(True, caller)}
+    assert not got["caller_loaded_multiprocessing"]
 
 
 def test_a_function_that_cannot_be_pickled_never_runs_in_a_worker(tmp_path: Path) -> None:
@@ -243,3 +274,56 @@ def test_in_a_fresh_process_the_first_failing_item_in_input_order_raises(
     got = _run(tmp_path_factory.mktemp("at"), "at=" + json.dumps(at))
     assert got["out"] == [min(at), min(at)]
     assert got["forked"]
+
+
+RAW = textwrap.dedent("""
+    import json, pickle, sys
+    from amortune import _prefork
+    from amortune._protocol import Done, Ready, Run
+    from amortune._serde import dumps
+
+    def reply(w):
+        msg = pickle.loads(w.conn.recv_bytes())
+        while isinstance(msg, Ready):
+            msg = pickle.loads(w.conn.recv_bytes())
+        return pickle.loads(msg.results) if isinstance(msg, Done) else type(msg).__name__
+
+    forked = _prefork.fork_with_chunks(bytes, [(0, [3]), (1, [200_000])], thread_cap=1,
+                                       growth_limit=None)
+    a, b = forked.workers
+    out = {"kinds": [type(w.process).__name__ for w in forked.workers],
+           "first": [reply(a) == [bytes(3)], reply(b) == [bytes(200_000)]]}
+    # A message far above one write's size, both ways, on the same pipes.
+    big = Run(99, forked.token, 7, "item", dumps([300_000]), False, None)
+    a.conn.send_bytes(pickle.dumps(big))
+    out["big"] = reply(a) == [bytes(300_000)]
+    a.conn.send_bytes(pickle.dumps(None))  # told to stop: exits 0
+    a.process.join(10)
+    b.process.kill()
+    b.process.join(10)
+    out["exitcodes"] = [a.process.exitcode, b.process.exitcode]
+    out["alive"] = [a.process.is_alive(), b.process.is_alive()]
+    try:
+        b.conn.recv_bytes()
+    except EOFError:
+        out["eof"] = True
+    exits = _prefork.fork_with_chunks(sys.exit, [(0, [3])], thread_cap=1, growth_limit=None)
+    exits.workers[0].process.join(10)
+    out["sys.exit(3)"] = exits.workers[0].process.exitcode
+    print(json.dumps(out))
+""")
+
+
+def test_raw_forked_workers_talk_in_framed_messages_and_report_how_they_exited(
+        tmp_path: Path) -> None:
+    script = tmp_path / "raw.py"
+    script.write_text(RAW)
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    assert got["kinds"] == ["ForkedChild", "ForkedChild"]
+    assert got["first"] == [True, True] and got["big"]
+    assert got["exitcodes"] == [0, -9] and got["alive"] == [False, False]
+    assert got.get("eof")
+    assert got["sys.exit(3)"] == 3  # func's SystemExit ends its worker with that code

@@ -21,13 +21,13 @@ from __future__ import annotations
 import collections
 import logging
 import math
+import os
 import pickle
 import select
 import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import CancelledError
-from multiprocessing.connection import wait as mp_wait
 from typing import TYPE_CHECKING, Any
 
 from .. import _errors
@@ -78,13 +78,25 @@ _START_RETRY_SECONDS = 0.1
 
 
 
+def _wake_pipe() -> tuple[Any, Any]:
+    """The manager's wake-up pipe, ``(read end, write end)``: a plain pipe where ``select.poll``
+    can watch it (no ``multiprocessing`` import for a pool whose workers were all adopted)."""
+    if hasattr(select, "poll"):
+        from .._prefork import PipeConnection
+
+        pipe = PipeConnection(*os.pipe())
+        return pipe, pipe
+    import multiprocessing  # pragma: no cover - Windows
+
+    return multiprocessing.Pipe(duplex=False)  # pragma: no cover
+
+
 class Manager:
     """Owns the workers of one process backend; runs in its own thread once started."""
 
-    def __init__(self, ctx_first: Any, ctx_later: Any, slots: list[Slot], *, methods: tuple[str, str],
+    def __init__(self, slots: list[Slot], *, methods: tuple[str, str],
                  thread_cap: int | None, init_payload: bytes | None, max_tasks: int | None,
                  flags: Flags, start_timeout_seconds: float = _START_TIMEOUT_SECONDS) -> None:
-        self.ctx_first, self.ctx_later = ctx_first, ctx_later
         self.start_timeout = start_timeout_seconds
         self.methods = methods
         self.slots = slots
@@ -94,7 +106,7 @@ class Manager:
         self.cancels: list[Pending] = []
         self.kills: list[Pending] = []
         self.workers: list[WorkerState] = []
-        self.wake_r, self.wake_w = ctx_later.Pipe(duplex=False)
+        self.wake_r, self.wake_w = _wake_pipe()
         self.wake_ready = poller(self.wake_r)
         self._poll: Any = None
         self._poll_key: tuple[int, ...] = ()
@@ -123,7 +135,7 @@ class Manager:
             self._adopt(slot, forked, p)
         if spawn:
             for slot in self.slots[len(adopt):]:
-                self._spawn(slot, self.ctx_first, self.methods[0], early=True)
+                self._spawn(slot, self.methods[0], early=True)
 
     def _adopt(self, slot: Slot, forked: Forked, p: Pending) -> None:
         w = WorkerState(forked.process, forked.conn, slot, forked=True)
@@ -164,8 +176,11 @@ class Manager:
         finally:
             self._stop_all()
 
-    def _spawn(self, slot: Slot, ctx: Any, method: str, early: bool = False) -> None:
+    def _spawn(self, slot: Slot, method: str, early: bool = False) -> None:
         """Start ``slot``'s worker; ``early``: forked now from the caller's only thread."""
+        import multiprocessing  # here: a pool whose workers were all adopted never needs it
+
+        ctx: Any = multiprocessing.get_context(method)
         parent, child = ctx.Pipe(duplex=True)
         inherited: list[Any] = []
         load_prctl()
@@ -211,7 +226,7 @@ class Manager:
                 if (closing and not has_pending) or flags.broken is not None:
                     break
                 try:
-                    self._spawn(slot, self.ctx_later, self.methods[1])
+                    self._spawn(slot, self.methods[1])
                 except Exception as exc:
                     self._start_failed(f"could not start a worker process: {exc!r}")
                     self.retry_start_at = time.perf_counter() + _START_RETRY_SECONDS
@@ -244,6 +259,8 @@ class Manager:
         for w in self.workers:
             waitables += [w.conn, w.process.sentinel]
         if not hasattr(select, "poll"):  # pragma: no cover - Windows
+            from multiprocessing.connection import wait as mp_wait
+
             return set(mp_wait(waitables, timeout))
         key = tuple(id(x) for x in waitables)
         if key != self._poll_key:

@@ -9,7 +9,6 @@ standard library and the rest of :mod:`amortune.backends` only.
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import weakref
 from collections.abc import Iterable, Sequence
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .._errors import AmortuneError, NotPicklableError
 from .._model import PROCESS_DISPATCH_SECONDS
 from .._serde import dumps, first_unpicklable, note_item
-from .._start import choose_start, start_cost
+from .._start import choose_start, in_worker_process, start_cost
 from ._base import (
     Backend,
     BackendInfo,
@@ -74,7 +73,7 @@ class ProcessBackend(Backend):
             raise ValueError(f"n_workers must be >= 1, got {n_workers}")
         if len({s.id for s in slot_list}) != len(slot_list):
             raise ValueError("slot ids must be unique")
-        if mp.current_process().daemon:
+        if in_worker_process():
             raise AmortuneError("a worker process cannot start worker processes of its own "
                                 "(it is daemonic); run nested maps serially or on threads")
         plan = choose_start(start_method)
@@ -85,8 +84,7 @@ class ProcessBackend(Backend):
         cap = self.setup.thread_cap if self.setup.thread_cap is not None else thread_cap
         init = self.setup.init_payload if self.setup.initializer is not None else None
         self.flags = Flags()
-        self._mgr = Manager(mp.get_context(plan.first), mp.get_context(plan.later), slot_list,
-                            methods=(plan.first, plan.later), thread_cap=cap,
+        self._mgr = Manager(slot_list, methods=(plan.first, plan.later), thread_cap=cap,
                             init_payload=init, max_tasks=max_tasks_per_child, flags=self.flags,
                             start_timeout_seconds=start_timeout_seconds)
         self._mgr.growth_limit = memory_growth_bytes  # type: ignore[attr-defined]
