@@ -30,6 +30,7 @@ from ._protocol import TASK_IDS, Run
 from ._serde import digest, dumps, dumps_function
 from ._serve import load_prctl, worker_main
 from ._start import choose_start, in_worker_process
+from ._worker import frame_header
 
 __all__ = ["Forked", "ForkedChild", "PipeConnection", "PreForked", "abandon", "fork_with_chunks"]
 
@@ -60,7 +61,7 @@ class PreForked(NamedTuple):
 class PipeConnection:
     """A duplex message channel over two pipes, framed as ``multiprocessing.connection``'s
     (a 4-byte big-endian length, or -1 and an 8-byte one): ``send_bytes``, ``recv_bytes``,
-    ``poll``, ``fileno`` (the end it reads) and ``close``."""
+    ``poll``, ``fileno`` (the end it reads), ``write_fileno`` and ``close``."""
 
     def __init__(self, read_fd: int, write_fd: int) -> None:
         self._r, self._w = read_fd, write_fd
@@ -68,11 +69,12 @@ class PipeConnection:
     def fileno(self) -> int:
         return self._r
 
+    def write_fileno(self) -> int:
+        return self._w
+
     def send_bytes(self, buf: bytes) -> None:
-        n = len(buf)
-        header = (n.to_bytes(4, "big", signed=True) if n <= 0x7FFFFFFF
-                  else (-1).to_bytes(4, "big", signed=True) + n.to_bytes(8, "big"))
-        if n > _SMALL_MESSAGE:
+        header = frame_header(len(buf))
+        if len(buf) > _SMALL_MESSAGE:
             self._write(header)
             self._write(buf)
         else:

@@ -44,9 +44,9 @@ from ._worker import (
     _NATIVE_POOL_MODULES,
     FUNC_CACHE_SIZE,
     THREAD_ENV_VARS,
+    MessageReader,
     apply_env,
     limit_native_threads,
-    poller,
     rss_bytes,
     run_chunk,
     share_main_globals,
@@ -54,6 +54,9 @@ from ._worker import (
 
 __all__ = ["load_prctl", "worker_main"]
 
+#: A worker reads its memory after a task that took this long, and otherwise at most this often:
+#: tiny tasks in a stream then cost no read each (a task too short to grow memory much).
+_RSS_EVERY_SECONDS = 0.002
 #: While a chunk runs, the worker looks for a Cancel at most this often (a poll is ~1 µs).
 _CANCEL_POLL_SECONDS = 0.005
 _PR_SET_PDEATHSIG = 1
@@ -173,7 +176,8 @@ class _Server:
     def __init__(self, conn: Any, max_tasks: int | None, baseline_rss: int,
                  n_threads: int | None, slot_env: tuple[str, ...]) -> None:
         self.conn, self.max_tasks, self.baseline_rss = conn, max_tasks, baseline_rss
-        self.has_message = poller(conn)
+        self.reader = MessageReader(conn)
+        self.has_message = self.reader.has_message
         self.n_threads: int | None = n_threads
         self.keep_env = (*THREAD_ENV_VARS, *slot_env)
         self.funcs: dict[str, Any] = {}
@@ -182,17 +186,22 @@ class _Server:
         self.inbox: deque[Any] = deque()
         self.cancelled: set[int] = set()
         self.done_tasks = 0
+        # CPU time as the last reply left: blocked on the pipe since, the worker used none, so
+        # the next task starts from it (one clock read a task, not two). ``None`` after anything
+        # else ran here (a function loaded may have imported a library).
+        self.cpu_mark: float | None = None
+        self.rss, self.rss_at = 0, -1.0
 
     def send(self, msg: Any) -> None:
         self.conn.send_bytes(dumps(msg))
 
     def _read(self) -> Any:
-        return self.inbox.popleft() if self.inbox else pickle.loads(self.conn.recv_bytes())
+        return self.inbox.popleft() if self.inbox else pickle.loads(self.reader.recv_bytes())
 
     def _drain(self) -> None:
         """Read what has arrived without blocking; note cancellations at once."""
         while self.has_message():
-            msg = pickle.loads(self.conn.recv_bytes())
+            msg = pickle.loads(self.reader.recv_bytes())
             if isinstance(msg, Cancel):
                 self.cancelled.add(msg.task_id)
             else:
@@ -203,6 +212,8 @@ class _Server:
             msg = self._read()
             if msg is None:
                 return
+            if not isinstance(msg, Run):
+                self.cpu_mark = None
             if isinstance(msg, Func):
                 self._load(msg)
             elif isinstance(msg, Env):
@@ -239,7 +250,8 @@ class _Server:
 
     def _run(self, msg: Run) -> bool:
         """Run one task and reply; ``False`` when the worker must exit afterwards."""
-        wall0, cpu0 = time.perf_counter(), time.process_time()
+        wall0 = time.perf_counter()
+        cpu0 = time.process_time() if self.cpu_mark is None else self.cpu_mark
         func = self.funcs.get(msg.token)
         first_call: float | None = None
         if func is None or isinstance(func, _LoadFailed):
@@ -320,11 +332,13 @@ class _Server:
     def _reply(self, msg: Run, body: bytes, wall0: float, cpu0: float, serde: float,
                first_call: float | None, captured: Any, started: float = 0.0,
                finished: float = 0.0) -> int:
-        rss = rss_bytes()
-        self.send(Done(msg.task_id, body, time.perf_counter() - wall0,
-                       time.process_time() - cpu0, rss, started, finished, first_call,
-                       serde, captured))
-        return rss
+        now = time.perf_counter()
+        if now - wall0 >= _RSS_EVERY_SECONDS or now - self.rss_at >= _RSS_EVERY_SECONDS:
+            self.rss, self.rss_at = rss_bytes(), now
+        cpu = self.cpu_mark = time.process_time()
+        self.send(Done(msg.task_id, body, now - wall0, cpu - cpu0, self.rss, started, finished,
+                       first_call, serde, captured))
+        return self.rss
 
 
 def _unsendable(exc: BaseException, value: Any) -> tuple[str, str]:

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["FUNC_CACHE_SIZE", "THREAD_ENV_VARS", "apply_env", "limit_native_threads", "poller",
-           "rss_bytes", "run_chunk", "share_main_globals"]
+__all__ = ["FUNC_CACHE_SIZE", "THREAD_ENV_VARS", "MessageReader", "apply_env", "frame_header",
+           "limit_native_threads", "rss_bytes", "run_chunk", "share_main_globals", "write_all"]
 
 THREAD_ENV_VARS = (
     "OMP_NUM_THREADS",
@@ -36,17 +36,25 @@ FUNC_CACHE_SIZE = 16
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-_statm: tuple[int, int] | None = None  # (pid, fd of /proc/self/statm as that pid opened it)
+_statm: int | None = None  # a descriptor of /proc/self/statm, opened by this process
+
+
+def _forget_statm() -> None:
+    global _statm
+    _statm = None  # a forked child must not read its parent's (the descriptor stays open)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_statm)
 
 
 def rss_bytes() -> int:
     """Resident memory of this process; cheap on Linux (one ``pread`` of /proc/self/statm)."""
     global _statm
     try:
-        pid = os.getpid()
-        if _statm is None or _statm[0] != pid:  # a forked child must not read its parent's
-            _statm = (pid, os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC))
-        return int(os.pread(_statm[1], 128, 0).split()[1]) * _PAGE_SIZE
+        if _statm is None:
+            _statm = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
+        return int(os.pread(_statm, 128, 0).split()[1]) * _PAGE_SIZE
     except (OSError, ValueError, IndexError, AttributeError):
         try:
             import resource
@@ -57,19 +65,132 @@ def rss_bytes() -> int:
             return 0
 
 
-def poller(conn: Any) -> Callable[[], bool]:
-    """A zero-timeout "has a message arrived?" for ``conn``: ~1 µs, where ``conn.poll()`` builds
-    a selector each call (~20 µs). A Unix pipe connection buffers nothing, so a readable file
-    descriptor means a message is there."""
-    import select
+def frame_header(n: int) -> bytes:
+    """The length prefix of an ``n``-byte message in ``multiprocessing.connection``'s framing."""
+    if n <= 0x7FFFFFFF:
+        return n.to_bytes(4, "big", signed=True)
+    return (-1).to_bytes(4, "big", signed=True) + n.to_bytes(8, "big")
 
+
+def write_all(fd: int, buffers: Sequence[bytes]) -> int:
+    """Write ``buffers`` to ``fd`` in as few system calls as it takes, without joining them.
+
+    Returns the bytes written; on ``OSError`` the error carries them as ``written``, so a caller
+    knows which messages got through whole.
+    """
+    total, i, offset = 0, 0, 0
+    bufs = [memoryview(b) for b in buffers]
     try:
-        fd = conn.fileno()
-        p = select.poll()
-        p.register(fd, select.POLLIN)
-    except (AttributeError, OSError, ValueError):
-        return lambda: bool(conn.poll())
-    return lambda: bool(p.poll(0))
+        while i < len(bufs):
+            batch = bufs[i:i + 512]
+            batch[0] = batch[0][offset:]
+            n = os.writev(fd, batch)
+            total += n
+            n += offset
+            while i < len(bufs) and n >= len(bufs[i]):
+                n -= len(bufs[i])
+                i += 1
+            offset = n
+    except OSError as exc:
+        exc.written = total  # type: ignore[attr-defined]
+        raise
+    return total
+
+
+#: Bytes one read asks for: every small message that has arrived comes in one system call.
+_READ_SIZE = 1 << 16
+
+
+class MessageReader:
+    """Reads ``conn``'s messages (``multiprocessing.connection`` framing: a 4-byte big-endian
+    length, or -1 and an 8-byte one) through one buffer.
+
+    One ``read`` takes every message waiting in the pipe, where ``recv_bytes`` costs two reads a
+    message and a poll before each: for a stream of tiny tasks those system calls were most of
+    the cost of a task. Where ``conn`` has no file descriptor to read (Windows), it reads
+    ``conn`` itself. Only this reader may read ``conn`` once it has been made.
+    """
+
+    __slots__ = ("_conn", "_fd", "_buf", "_pos", "_poll", "_eof")
+
+    def __init__(self, conn: Any) -> None:
+        import select
+
+        self._conn, self._buf, self._pos, self._eof = conn, bytearray(), 0, False
+        try:
+            self._fd: int | None = conn.fileno()
+            self._poll: Any = select.poll()
+            self._poll.register(self._fd, select.POLLIN)
+        except (AttributeError, OSError, ValueError):
+            self._fd = self._poll = None
+
+    def has_message(self) -> bool:
+        """Whether a message has begun to arrive (or the pipe closed), without blocking: then
+        :meth:`recv_bytes` returns it (or raises ``EOFError``), waiting only for its rest."""
+        if self._poll is None:
+            return bool(self._conn.poll())
+        if self._pos < len(self._buf) or self._eof:
+            return True
+        if self._poll.poll(0):
+            self._fill(_READ_SIZE)
+            return self._pos < len(self._buf) or self._eof
+        return False
+
+    def recv_bytes(self) -> bytes | bytearray:
+        """The next message, blocking until it has arrived whole; ``EOFError`` at the end."""
+        if self._poll is None:
+            return self._conn.recv_bytes()  # type: ignore[no-any-return]
+        size, head = self._header()
+        start = self._pos + head
+        have = len(self._buf) - start
+        if have >= size:
+            self._pos = start + size
+            msg = bytes(self._buf[start:self._pos])
+            if self._pos == len(self._buf):
+                self._buf.clear()
+                self._pos = 0
+            return msg
+        # The rest goes straight into the message's own buffer: a large result is copied once.
+        out = bytearray(size)
+        out[:have] = self._buf[start:]
+        self._buf.clear()
+        self._pos = 0
+        view = memoryview(out)
+        while have < size:
+            n = os.readv(self._fd, [view[have:]])  # type: ignore[arg-type]
+            if not n:
+                raise OSError("got end of file during message")
+            have += n
+        return out
+
+    def _header(self) -> tuple[int, int]:
+        """``(size, header bytes)`` of the buffered message, reading until its header is in."""
+        while True:
+            avail = len(self._buf) - self._pos
+            if avail >= 4:
+                size = int.from_bytes(self._buf[self._pos:self._pos + 4], "big", signed=True)
+                if size != -1:
+                    return size, 4
+                if avail >= 12:
+                    return int.from_bytes(self._buf[self._pos + 4:self._pos + 12], "big"), 12
+            if self._eof:
+                if avail:
+                    raise OSError("got end of file during message")
+                raise EOFError
+            self._fill(_READ_SIZE)
+
+    def _fill(self, n: int) -> None:
+        if self._pos and self._pos == len(self._buf):
+            self._buf.clear()
+            self._pos = 0
+        elif self._pos > _READ_SIZE:
+            del self._buf[:self._pos]
+            self._pos = 0
+        data = os.read(self._fd, n)  # type: ignore[arg-type]
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
 
 
 def _call(func: Callable[..., Any], style: str) -> Callable[[Any], Any]:

@@ -350,6 +350,7 @@ def test_imap_reads_an_endless_input_only_a_bounded_way_ahead():
             yield i
 
     with amortune.Pool(2, context=START) as pool:
+        pool.map(tasks.square, range(4))  # both workers up: a booting one must not hold item 0
         it = pool.imap(tasks.square, gen())
         assert next(it) == 0
         # Chunks start at one item and grow; at most 2 * processes + 1 are unfinished, and the

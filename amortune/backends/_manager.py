@@ -48,7 +48,7 @@ from .._protocol import (
 from .._serde import dumps
 from .._serve import load_prctl, worker_main
 from .._start import record_start_cost, start_process
-from .._worker import FUNC_CACHE_SIZE, poller
+from .._worker import FUNC_CACHE_SIZE, MessageReader
 from ._base import Slot, settle
 from ._pending import Flags, Pending, WorkerState, describe, finish, kill, memory_hint
 
@@ -107,7 +107,7 @@ class Manager:
         self.kills: list[Pending] = []
         self.workers: list[WorkerState] = []
         self.wake_r, self.wake_w = _wake_pipe()
-        self.wake_ready = poller(self.wake_r)
+        self.wake_reader = MessageReader(self.wake_r)
         self._poll: Any = None
         self._poll_key: tuple[int, ...] = ()
         self._poll_fds: dict[int, Any] = {}
@@ -238,8 +238,8 @@ class Manager:
                         self.sent.set()
             ready = self._wait_ready(self._next_deadline())
             if self.wake_r in ready:
-                while self.wake_ready():
-                    self.wake_r.recv_bytes()
+                while self.wake_reader.has_message():
+                    self.wake_reader.recv_bytes()
                 with flags.lock:  # after draining: a wake-up from now on writes a new byte
                     flags.woken = False
             for w in list(self.workers):
@@ -293,6 +293,13 @@ class Manager:
                         pass
 
     def _assign(self) -> None:
+        """Hand waiting tasks to workers, then write each worker's share in one system call."""
+        self._assign_tasks()
+        for w in self.workers:
+            if w.outbox:
+                self._flush(w)
+
+    def _assign_tasks(self) -> None:
         for w in self.workers:  # idle workers first
             if w.ready and not w.retiring and w.task is None:
                 p = self._next_task()
@@ -350,37 +357,42 @@ class Manager:
             self.pending.extendleft(reversed(tasks))
 
     def _send(self, w: WorkerState, p: Pending, queue_behind: bool) -> None:
+        """Make ``p`` ``w``'s task (or queue it behind) and put its messages in ``w``'s outbox."""
         task = p.task
         if queue_behind:
             w.backlog.append(p)
         else:
             w.task = p
             w.item_started, w.item_index = time.perf_counter(), task.start
-        try:
-            if task.fn.token not in w.funcs:
-                w.conn.send_bytes(dumps(Func(task.fn.token, task.fn.payload)))
-                if len(w.funcs) >= FUNC_CACHE_SIZE:
-                    w.funcs.pop(next(iter(w.funcs)))
-                w.funcs[task.fn.token] = None
-            setup = task.setup
-            if setup is not None and (setup.env is not None or setup.thread_cap):
-                token = f"{setup.env_token}:{setup.thread_cap}"
-                if token != w.env_token:
-                    w.conn.send_bytes(dumps(Env(token, setup.env, setup.thread_cap)))
-                    w.env_token = token
-            growth = getattr(self, "growth_limit", None)
-            msg = Run(p.id, task.fn.token, task.start, task.style, p.payload,
-                      task.timeout_seconds is not None, growth)
-            w.conn.send_bytes(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL))
-        except OSError:
-            # The worker died before it had the whole task, so it cannot have run any of it:
-            # hand the task to another worker; the sentinel reports the death.
-            if queue_behind:
-                w.backlog.remove(p)
-            else:
-                w.task = None
+        if task.fn.token not in w.funcs:
+            w.put(dumps(Func(task.fn.token, task.fn.payload)))
+            if len(w.funcs) >= FUNC_CACHE_SIZE:
+                w.funcs.pop(next(iter(w.funcs)))
+            w.funcs[task.fn.token] = None
+        setup = task.setup
+        if setup is not None and (setup.env is not None or setup.thread_cap):
+            token = f"{setup.env_token}:{setup.thread_cap}"
+            if token != w.env_token:
+                w.put(dumps(Env(token, setup.env, setup.thread_cap)))
+                w.env_token = token
+        growth = getattr(self, "growth_limit", None)
+        msg = Run(p.id, task.fn.token, task.start, task.style, p.payload,
+                  task.timeout_seconds is not None, growth)
+        w.put(pickle.dumps(msg, protocol=pickle.HIGHEST_PROTOCOL), p)
+
+    def _flush(self, w: WorkerState) -> None:
+        """Write ``w``'s outbox; tasks that did not get through whole go to another worker."""
+        sent, lost = w.flush()
+        if lost:
+            # The worker died before it had these whole, so it cannot have run them: hand them
+            # to another worker; the sentinel reports the death.
+            for p in lost:
+                if w.task is p:
+                    w.task = None
+                elif p in w.backlog:
+                    w.backlog.remove(p)
             w.retiring = True
-            self._requeue([p])
+            self._requeue(lost)
 
     def _next_task(self) -> Pending | None:
         while True:
@@ -399,7 +411,7 @@ class Manager:
             try:
                 if not w.has_message():
                     return
-                msg = pickle.loads(w.conn.recv_bytes())
+                msg = pickle.loads(w.reader.recv_bytes())
             except (EOFError, OSError):
                 return
             if isinstance(msg, Ready):

@@ -10,6 +10,7 @@ the task's :class:`~amortune.backends.ChunkOutcome`. Imports the standard librar
 from __future__ import annotations
 
 import collections
+import os
 import pickle
 import threading
 import time
@@ -18,7 +19,7 @@ from typing import Any
 from .._errors import NotPicklableError, rebuild
 from .._protocol import TASK_IDS, Done
 from .._record import field, record
-from .._worker import poller
+from .._worker import MessageReader, frame_header, write_all
 from ._base import ChunkFuture, ChunkOutcome, ChunkTask, Slot, settle
 
 __all__ = ["Flags", "Pending", "WorkerState", "describe", "finish", "kill", "memory_hint"]
@@ -50,12 +51,18 @@ class Flags:
 class WorkerState:
     __slots__ = ("process", "conn", "slot", "task", "backlog", "backlog_bytes", "item_started",
                  "item_index", "funcs", "ready", "rss", "retiring", "started_at", "tasks_done",
-                 "note", "env_token", "has_message", "forked")
+                 "note", "env_token", "reader", "has_message", "forked", "outbox", "write_fd")
 
     def __init__(self, process: Any, conn: Any, slot: Slot, forked: bool = False) -> None:
         self.process, self.conn, self.slot = process, conn, slot
         self.forked = forked  # forked from the caller's only thread: ready within milliseconds
-        self.has_message = poller(conn)
+        self.reader = MessageReader(conn)  # the only reader of ``conn``
+        self.has_message = self.reader.has_message
+        #: Messages not written yet, each with the task it runs: one write sends them all.
+        self.outbox: list[tuple[bytes, Pending | None]] = []
+        write_fileno = getattr(conn, "write_fileno", None)
+        self.write_fd: int | None = (write_fileno() if write_fileno is not None
+                                     else conn.fileno() if os.name == "posix" else None)
         self.task: Pending | None = None
         # Sent behind ``task``, in order; the first starts when ``task`` replies.
         self.backlog: collections.deque[Pending] = collections.deque()
@@ -74,6 +81,35 @@ class WorkerState:
             return float("inf")
         func = 0 if p.task.fn.token in self.funcs else len(p.task.fn.payload)
         return len(p.payload) + func
+
+    def put(self, body: bytes, task: Pending | None = None) -> None:
+        """Queue a message for the next :meth:`flush`; ``task``: the task it runs, if any."""
+        self.outbox.append((body, task))
+
+    def flush(self) -> tuple[int, list[Pending]]:
+        """Write the outbox: ``(bytes written, tasks whose message did not get through whole)``.
+
+        Every task after the first message cut short is lost: the pipe broke there.
+        """
+        out, self.outbox = self.outbox, []
+        written = 0
+        try:
+            if self.write_fd is None:  # no descriptor to write (Windows): one message at a time
+                for body, _ in out:
+                    self.conn.send_bytes(body)
+                    written += len(frame_header(len(body))) + len(body)
+            else:
+                written = write_all(self.write_fd,
+                                    [b for body, _ in out for b in (frame_header(len(body)), body)])
+            return written, []
+        except OSError as exc:
+            written = getattr(exc, "written", written)
+        lost, end = [], 0
+        for body, task in out:
+            end += len(frame_header(len(body))) + len(body)
+            if task is not None and end > written:
+                lost.append(task)
+        return written, lost
 
     def pop_reply(self) -> Pending | None:
         """The task a reply belongs to; replies come in order, so the next task starts now."""
