@@ -382,7 +382,7 @@ class Manager:
 
     def _flush(self, w: WorkerState) -> None:
         """Write ``w``'s outbox; tasks that did not get through whole go to another worker."""
-        sent, lost = w.flush()
+        lost = w.flush()
         if lost:
             # The worker died before it had these whole, so it cannot have run them: hand them
             # to another worker; the sentinel reports the death.

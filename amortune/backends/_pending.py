@@ -86,11 +86,9 @@ class WorkerState:
         """Queue a message for the next :meth:`flush`; ``task``: the task it runs, if any."""
         self.outbox.append((body, task))
 
-    def flush(self) -> tuple[int, list[Pending]]:
-        """Write the outbox: ``(bytes written, tasks whose message did not get through whole)``.
-
-        Every task after the first message cut short is lost: the pipe broke there.
-        """
+    def flush(self) -> list[Pending]:
+        """Write the outbox; returns the tasks whose message did not get through whole (every
+        task from the first message cut short on: the pipe broke there)."""
         out, self.outbox = self.outbox, []
         written = 0
         try:
@@ -101,7 +99,7 @@ class WorkerState:
             else:
                 written = write_all(self.write_fd,
                                     [b for body, _ in out for b in (frame_header(len(body)), body)])
-            return written, []
+            return []
         except OSError as exc:
             written = getattr(exc, "written", written)
         lost, end = [], 0
@@ -109,7 +107,7 @@ class WorkerState:
             end += len(frame_header(len(body))) + len(body)
             if task is not None and end > written:
                 lost.append(task)
-        return written, lost
+        return lost
 
     def pop_reply(self) -> Pending | None:
         """The task a reply belongs to; replies come in order, so the next task starts now."""
