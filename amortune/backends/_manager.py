@@ -180,6 +180,9 @@ class Manager:
         """Start ``slot``'s worker; ``early``: forked now from the caller's only thread."""
         import multiprocessing  # here: a pool whose workers were all adopted never needs it
 
+        from ._warm import exit_before_multiprocessing
+
+        exit_before_multiprocessing()
         ctx: Any = multiprocessing.get_context(method)
         parent, child = ctx.Pipe(duplex=True)
         inherited: list[Any] = []

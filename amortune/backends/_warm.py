@@ -20,7 +20,7 @@ from .processes import LIVE, ProcessBackend
 if TYPE_CHECKING:
     from .._prefork import Forked
 
-__all__ = ["discard_warm_pool", "get_warm_pool", "peek_warm_pool", "shutdown_warm_pools"]
+__all__ = ["discard_warm_pool", "exit_before_multiprocessing", "get_warm_pool", "peek_warm_pool", "shutdown_warm_pools"]
 
 _WARM: dict[str | None, ProcessBackend] = {}
 _LOCK = threading.Lock()
@@ -92,7 +92,8 @@ if hasattr(os, "register_at_fork"):
 
 @atexit.register
 def _at_exit() -> None:
-    # Registered after multiprocessing's own exit handler, so it runs first. Results of busy
+    # Runs before multiprocessing's own exit handler (see ``exit_before_multiprocessing``), and
+    # again, doing nothing, if that one runs first. Results of busy
     # workers can no longer be waited for: kill those, let idle ones exit cleanly. The pools are
     # held here first: LIVE holds them weakly, and clearing the registry could free a warm pool
     # unstopped, its manager thread still replacing the workers multiprocessing's handler kills
@@ -102,3 +103,26 @@ def _at_exit() -> None:
         _WARM.clear()
     for pool in pools:
         pool.abandon_at_exit()
+
+
+_EXIT_ORDERED = False
+
+
+def exit_before_multiprocessing() -> None:
+    """Have ``multiprocessing``'s exit handler stop amortune's pools before it stops children.
+
+    Exit handlers run last registered first, and amortune may be imported before
+    ``multiprocessing`` (a fresh script's first workers fork without it), or
+    ``multiprocessing.get_logger()`` may register its handler again later. Run first, that
+    handler terminates the workers it started and joins every child while the manager thread,
+    not stopped yet, starts replacements: the join waited on one forever. Its finalizers of
+    priority 0 and up run before it touches a child, so the pools are stopped as one of them.
+    Called before a ``multiprocessing`` worker starts; cheap after the first call.
+    """
+    global _EXIT_ORDERED
+    if _EXIT_ORDERED:
+        return
+    from multiprocessing import util
+
+    util.Finalize(None, _at_exit, exitpriority=100)
+    _EXIT_ORDERED = True
