@@ -215,3 +215,30 @@ def test_a_worker_past_its_memory_limit_leaves_before_a_queued_task():
         assert held == [1, 1, 1, 1]  # every task ran in a fresh worker
     finally:
         backend.shutdown(wait=True, kill=True)
+
+
+def test_multiprocessings_exit_handler_finds_the_pools_stopped_when_amortune_was_imported_first():
+    """Its handler terminates and joins every child: run before amortune's pools were stopped,
+    the manager thread could start a replacement it then joined forever."""
+    script = textwrap.dedent("""
+        import amortune
+        from tests import tasks
+        cfg = amortune.Config(sample_in_caller=False)
+        try:
+            amortune.execute(tasks.segfault, range(20), config=cfg)
+        except amortune.WorkerCrashedError:
+            pass
+        amortune.execute(tasks.square, range(5), config=cfg)
+        import multiprocessing, multiprocessing.util as util
+        info, debug, run_finalizers, active, current = util._exit_function.__defaults__
+        def finalizers_then_look(*args):
+            run_finalizers(*args)
+            if args == (0,):  # before it touches a child
+                print("alive:", sorted(p.name for p in active()), flush=True)
+        util._exit_function.__defaults__ = (info, debug, finalizers_then_look, active, current)
+        print("workers:", len(multiprocessing.active_children()), flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         timeout=120, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert "workers: 2" in out.stdout, out.stdout + out.stderr  # started by multiprocessing
+    assert "alive: []" in out.stdout, out.stdout + out.stderr
