@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:
     from ._config import Config
+    from ._quick import QuickOutcome
     from ._schedule import Adopted
     from .backends._base import FunctionRef
     from .backends.processes import ProcessBackend
@@ -122,11 +123,12 @@ def _engine_import_seconds() -> float:
 Early = tuple["ProcessBackend | None", "list[Adopted]", Iterator[Any], "FunctionRef | None"]
 
 
-def _prelaunch(func: Callable[..., Any], rest: Iterator[Any], start: int, item_seconds: float,
-               n_rest: int) -> Early:
-    """When ``n_rest`` items that compute leave ``EARLY_START_SECONDS`` of work: start the warm
-    pool now, each worker with a chunk of the items at ``start`` (about ``PRELAUNCH_SECONDS``
-    of them), so the workers compute while the caller plans.
+def _prelaunch(func: Callable[..., Any], rest: Iterator[Any], start: int, n_rest: int,
+               cost: QuickOutcome) -> Early:
+    """When ``n_rest`` items that compute leave ``EARLY_START_SECONDS`` of work (as ``cost``
+    projects it: costs rising along the input count): start the warm pool now, each worker
+    with a chunk of the items at ``start`` (about ``PRELAUNCH_SECONDS`` of them), so the
+    workers compute while the caller plans.
 
     Returns the pool (``None`` when none started), the chunks it runs (the scheduler adopts
     them), the input left and the function as sent. In a fresh process the workers fork before
@@ -135,23 +137,27 @@ def _prelaunch(func: Callable[..., Any], rest: Iterator[Any], start: int, item_s
     cannot travel, or the input fails while being read: the planner then meets the problem
     where it always does (what was read comes back first in the input left).
     """
-    if item_seconds * n_rest < EARLY_START_SECONDS:
+    if cost.seconds_of(start, n_rest) < EARLY_START_SECONDS:
         return None, [], rest, None
     cores = _usable_cores()
     if cores < 2:
         return None, [], rest, None
     fresh = not _engine_loaded()
     seconds = PRELAUNCH_SECONDS + (_engine_import_seconds() if fresh else 0.0)
-    per = min(max(1, int(seconds / max(item_seconds, 1e-9))), n_rest // (PRELAUNCH_SHARE * cores))
+    cap = n_rest // (PRELAUNCH_SHARE * cores)
+    sizes: list[int] = []
+    while cap >= 1 and len(sizes) < cores:  # each chunk about `seconds`, rising costs or not
+        sizes.append(min(cap, cost.items_within(start + sum(sizes), seconds)))
     head: list[Any] = []
-    if per >= 1:
+    if sizes:
         try:
-            head.extend(itertools.islice(rest, per * cores))
+            head.extend(itertools.islice(rest, sum(sizes)))
         except Exception as exc:  # the input failed: it fails in its place, after these items
             from ._quick import _raises
 
             return _start_workers_early(cores), [], itertools.chain(head, _raises(exc)), None
-    chunks = [(start + at, head[at:at + per]) for at in range(0, len(head), per)]
+    bounds = list(itertools.accumulate(sizes, initial=0))
+    chunks = [(start + a, head[a:b]) for a, b in itertools.pairwise(bounds) if head[a:b]]
     if chunks and fresh:
         early = _fork_with_chunks(func, chunks, cores)
         if early is not None:
@@ -336,9 +342,12 @@ def execute(
             data = quick.rest
         else:
             data = _Sized(quick.rest, quick.n_rest)
+            rising = (f", rising {quick.growth * 1e6:.3g} µs an item along the input "
+                      f"({quick.seconds_of(len(results), quick.n_rest):.3g} s in all)"
+                      if quick.growth > 0 else "")
             options["notes"] = (f"ran items 0-{len(results) - 1} in the caller while they were "
                                 f"cheap; the {quick.n_rest} left take "
-                                f"{quick.item_seconds * 1e3:.3f} ms each",)
+                                f"{quick.item_seconds * 1e3:.3f} ms each{rising}",)
             # The planner samples what the first look has not already timed: waiting items
             # need little (they told us), others the default budget less the first look's time.
             waiting = quick.cpu_share is not None and quick.cpu_share < WAITING_CPU_SHARE
@@ -347,7 +356,7 @@ def execute(
             options["sample_seconds"] = max(WAITING_SAMPLE_SECONDS, budget - quick.seconds)
             options["waiting"] = waiting  # threads are likely: pickle func only if not
             pool, sent, rest, fn = ((None, [], quick.rest, None) if waiting else _prelaunch(
-                func, quick.rest, len(results), quick.item_seconds, quick.n_rest))
+                func, quick.rest, len(results), quick.n_rest, quick))
             if pool is not None:
                 options["sample_seconds"] = EARLY_SAMPLE_SECONDS
                 if sent:

@@ -9,12 +9,13 @@ an import or a cache fill is paid once), runs the rest in growing chunks while r
 rate, and hands over to the full planner with every result so far the moment the remaining work
 could pay for workers (costs that grow along the input). An input without a length is read
 ahead after its first item: a short one is judged the same way. Imports ``time`` and
-``itertools`` only (``pickle`` to size an input without a length).
+``itertools`` and ``math`` only (``pickle`` to size an input without a length).
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -41,6 +42,10 @@ PARALLEL_FLOOR_SECONDS = 0.01
 SERIAL_CERTAIN_FACTOR = 3.0
 #: Serial chunks between rate checks grow to about this long.
 CHECK_SECONDS = 0.02
+#: Costs count as rising along the input when the latest timed chunk's rate is this many times
+#: the one before it (a cost proportional to the index doubles from chunk to chunk, as the chunks
+#: double): the rest is then projected linearly, not at the latest rate.
+GROWTH_RATIO = 1.5
 #: A rate is trusted once a chunk ran this long or held this many items (below, a chunk's time
 #: is mostly islice/map/extend overhead, ~1 µs per call on the reference machine).
 MIN_TIMED_SECONDS = 0.5e-3
@@ -66,15 +71,55 @@ class QuickOutcome:
     ``cpu_share`` is the caller thread's CPU time over the wall time of the timed items
     (``None`` if none was timed): a low share means the items wait (I/O, sleep). ``seconds`` is
     the wall time the first look ran items, which the planner's own sample need not repeat.
+    ``growth`` is how many seconds each item costs more than the one before it when the last
+    two timed chunks show costs rising along the input (0.0 otherwise), ``rate_at`` the index
+    where ``item_seconds`` was measured: :meth:`seconds_of` projects the rest with both.
     """
 
-    __slots__ = ("results", "rest", "n_rest", "item_seconds", "cpu_share", "seconds")
+    __slots__ = ("results", "rest", "n_rest", "item_seconds", "cpu_share", "seconds", "growth",
+                 "rate_at")
 
     def __init__(self, results: list[Any], rest: Iterator[Any] | None, n_rest: int | None,
                  item_seconds: float, cpu_share: float | None = None,
-                 seconds: float = 0.0) -> None:
+                 seconds: float = 0.0, growth: float = 0.0, rate_at: float = 0.0) -> None:
         self.results, self.rest, self.n_rest, self.item_seconds = results, rest, n_rest, item_seconds
         self.cpu_share, self.seconds = cpu_share, seconds
+        self.growth, self.rate_at = growth, rate_at
+
+    def _cost_at(self, index: int) -> float:
+        return self.item_seconds + self.growth * max(0.0, index - self.rate_at)
+
+    def seconds_of(self, start: int, n: int) -> float:
+        """Projected seconds of the ``n`` items from index ``start`` (costs rising linearly)."""
+        if n <= 0:
+            return 0.0
+        return n * self._cost_at(start) + self.growth * n * (n - 1) / 2
+
+    def items_within(self, start: int, seconds: float) -> int:
+        """How many items from index ``start`` the projection fits in ``seconds`` (at least 1)."""
+        c0, g = max(self._cost_at(start), 1e-12), self.growth
+        if g <= 0.0:
+            return max(1, int(seconds / c0))
+        b = c0 - g / 2  # solves n * c0 + g * n * (n - 1) / 2 = seconds for n
+        root = math.sqrt(b * b + 2 * g * seconds)
+        n = 2 * seconds / (root + b) if b > 0 else (root - b) / g  # no cancellation either way
+        return max(1, int(n * (1 + 1e-12)))
+
+
+def _growth(previous: tuple[float, float] | None, rate: float, middle: float) -> float:
+    """Seconds per item per index by which costs rise, from two timed chunks' rates (0.0 unless
+    the later one is ``GROWTH_RATIO`` times the earlier: noise and one-offs are not a trend).
+
+    A cost proportional to the index (a line through zero at the first item) is the steepest a
+    real cost rises along the input, as in ``_model.project_rising_costs``: a steeper fit is
+    noise and is cut to that line.
+    """
+    if previous is None:
+        return 0.0
+    before, at = previous
+    if rate < GROWTH_RATIO * before or middle <= at:
+        return 0.0
+    return min((rate - before) / (middle - at), rate / middle)
 
 
 def _moving_costs_more(result: Any, item_seconds: float) -> bool:
@@ -169,6 +214,8 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
                                     None, clock() - t0)
             n_total, it = len(out) + len(buffered), iter(buffered)
         size, per_item, done_timed, spent, cpu = 1, first, 0, 0.0, 0.0
+        previous: tuple[float, float] | None = None  # the last timed chunk's rate and middle
+        growth, rate_at = 0.0, 0.0
         while len(out) < n_total:
             c1, t1 = cpu_clock(), clock()
             before = len(out)
@@ -185,6 +232,10 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
             # A chunk shorter than MIN_TIMED_SECONDS is mostly the loop's own overhead: keep
             # doubling until the rate is measured, then judge the rest by it.
             timed = took >= MIN_TIMED_SECONDS or size >= MIN_TIMED_ITEMS
+            if timed:
+                middle = before + (size - 1) / 2
+                growth = _growth(previous, rate, middle)
+                previous, rate_at = (rate, middle), middle
             limit = threshold_seconds
             if waiting_threshold_seconds is not None and cpu < WAITING_CPU_SHARE * spent:
                 limit = waiting_threshold_seconds
@@ -193,7 +244,7 @@ def quick_serial(func: Callable[[Any], Any], data: Iterable[Any], *,
                     and not _moving_costs_more(out[-1], per_item)
                     and not _moving_costs_more(first_input, per_item)):
                 return QuickOutcome(out, it, left, per_item, min(1.0, cpu / max(spent, 1e-9)),
-                                    clock() - t0)
+                                    clock() - t0, growth, rate_at)
             size = max(1, min(left, size * 2, int(CHECK_SECONDS / max(per_item, 1e-9))))
     except BaseException as exc:
         note_item(exc, len(out))

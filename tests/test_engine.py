@@ -631,10 +631,12 @@ EARLY_SCRIPT = textwrap.dedent("""
 
     _optimize.decide, _optimize.sample = watch, count
     if __name__ == "__main__":
-        func = {"spin": tasks.spin, "sleep": tasks.sleep_then_return}[sys.argv[1]]
+        func = {"spin": tasks.spin, "sleep": tasks.sleep_then_return,
+                "rising": tasks.rising_spin}[sys.argv[1]]
         n, seconds = int(sys.argv[2]), float(sys.argv[3])
-        data = [seconds] * n if sys.argv[4] == "list" else (seconds for _ in range(n))
-        assert amortune.execute(func, data) == [seconds] * n
+        items = list(range(n)) if sys.argv[1] == "rising" else [seconds] * n
+        data = items if sys.argv[4] == "list" else (x for x in items)
+        assert amortune.execute(func, data) == items
         print(json.dumps(seen))
 """)
 
@@ -646,6 +648,9 @@ EARLY_SCRIPT = textwrap.dedent("""
     ("spin", 150, 0.002, False, "generator"),
     ("sleep", 200, 0.005, False, "list"),  # items that wait: threads, no process
     ("sleep", 200, 0.005, False, "generator"),
+    # costs 0 -> 8 ms: the cheap head's rate predicts ~0.2 s left, its rise ~1.6 s
+    ("rising", 400, 0.0, True, "list"),
+    ("rising", 400, 0.0, True, "generator"),
 ])
 def test_workers_start_before_the_planner_only_when_processes_are_all_but_certain(
         tmp_path: Path, func: str, n: int, seconds: float, early: bool, shape: str) -> None:

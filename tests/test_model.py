@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -637,3 +638,71 @@ def test_a_projection_never_exceeds_a_line_through_zero_cost(slope: float, n: in
     assert 1.0 <= factor <= 2 + m / n + 1e-9
     assert projected.item_wall_seconds == pytest.approx(wall * factor)
     assert projected.max_item_wall_seconds >= projected.item_wall_seconds or factor == 1.0
+
+
+def _rising_first_look(n: int, per_index: float, noise: tuple[float, ...] = (1.0,)) -> Any:
+    """The first look over ``n`` items whose cost is ``per_index * i`` seconds (times a
+    repeating ``noise`` factor), on a fake clock."""
+    from amortune._quick import quick_serial
+
+    now = [0.0]
+
+    def item(i: int) -> int:
+        now[0] += per_index * i * noise[i % len(noise)]
+        return i
+
+    return quick_serial(item, range(n), threshold_seconds=0.12, clock=lambda: now[0],
+                        cpu_clock=lambda: now[0])
+
+
+def test_the_first_look_projects_costs_that_rise_along_the_input() -> None:
+    """Costs 0 -> 8 ms over 600 items: the cheap head hands over at a rate that says ~0.2 s are
+    left, the projection says what is really left (~2.4 s) and sizes chunks by it."""
+    per_index = 0.008 / 600
+    got = _rising_first_look(600, per_index)
+    assert got.rest is not None and got.n_rest is not None
+    start = len(got.results)
+    exact = sum(per_index * i for i in range(start, 600))
+    assert got.growth == pytest.approx(per_index, rel=0.05)
+    assert got.seconds_of(start, got.n_rest) == pytest.approx(exact, rel=0.05)
+    assert got.item_seconds * got.n_rest < exact / 5  # the latest rate alone is far too low
+    n = got.items_within(start, 0.05)
+    assert sum(per_index * i for i in range(start, start + n)) == pytest.approx(0.05, rel=0.1)
+
+
+@pytest.mark.parametrize("noise", [(1.0,), (1.0, 1.3, 0.8, 1.1), (1.4, 0.7)])
+def test_flat_costs_with_noise_are_not_taken_for_a_trend(noise: tuple[float, ...]) -> None:
+    from amortune._quick import quick_serial
+
+    now, k = [0.0], [0]
+
+    def item(i: int) -> int:
+        now[0] += 0.002 * noise[k[0] % len(noise)]
+        k[0] += 1
+        return i
+
+    got = quick_serial(item, range(1000), threshold_seconds=0.12, clock=lambda: now[0],
+                       cpu_clock=lambda: now[0])
+    assert got.rest is not None and got.growth == 0.0
+    assert got.seconds_of(len(got.results), 10) == pytest.approx(10 * got.item_seconds)
+    assert got.items_within(len(got.results), 0.05) == int(0.05 / got.item_seconds)
+
+
+@given(c0=st.floats(1e-6, 1e-2), g=st.floats(0.0, 1e-4), seconds=st.floats(1e-3, 1.0))
+def test_items_within_inverts_seconds_of(c0: float, g: float, seconds: float) -> None:
+    from amortune._quick import QuickOutcome
+
+    cost = QuickOutcome([], None, 0, c0, growth=g, rate_at=0.0)
+    n = cost.items_within(0, seconds)
+    assert n >= 1
+    assert n == 1 or cost.seconds_of(0, n) <= seconds * (1 + 1e-9)
+    assert cost.seconds_of(0, n + 1) > seconds * (1 - 1e-9)
+
+
+def test_a_trend_steeper_than_a_cost_proportional_to_the_index_is_cut_to_it() -> None:
+    from amortune._quick import _growth
+
+    assert _growth((1e-4, 11.5), 1e-3, 23.5) == pytest.approx(1e-3 / 23.5)  # 10x in one doubling
+    assert _growth((1e-4, 11.5), 2e-4, 23.5) == pytest.approx(1e-4 / 12)  # doubled: the fit
+    assert _growth((1e-4, 11.5), 1.4e-4, 23.5) == 0.0  # under GROWTH_RATIO: not a trend
+    assert _growth(None, 1e-3, 23.5) == 0.0
