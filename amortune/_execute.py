@@ -72,10 +72,12 @@ EARLY_START_SECONDS = 0.5
 #: a short sample misjudges.
 EARLY_SAMPLE_SECONDS = 0.005
 #: Workers forked early get a chunk each at once, about this much of the items after the first
-#: look's: it covers the caller's sample and plan (15-20 ms on the reference machine), so the
-#: workers compute instead of waiting for them; in a fresh process, where the workers fork
-#: before the engine is imported, the engine's imports (``ENGINE_IMPORT_SECONDS``) are added.
-PRELAUNCH_SECONDS = 0.02
+#: look's: it outlasts the caller's sample and plan, so the workers compute instead of waiting
+#: for them (15-20 ms on the reference machine alone, 25-35 ms while the early workers share
+#: its two cores: a 20 ms chunk left the least slowed worker idle ~10 ms before its second);
+#: in a fresh process, where the workers fork before the engine is imported, the engine's
+#: imports (``ENGINE_IMPORT_SECONDS``) are added.
+PRELAUNCH_SECONDS = 0.04
 #: ... and together never more than one in this many of the items left.
 PRELAUNCH_SHARE = 4
 #: The caller waits at most this long for the manager thread to send those chunks.
