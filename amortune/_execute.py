@@ -357,6 +357,8 @@ def execute(
             budget = WAITING_SAMPLE_SECONDS if waiting else Config.sample_seconds
             options["sample_seconds"] = max(WAITING_SAMPLE_SECONDS, budget - quick.seconds)
             options["waiting"] = waiting  # threads are likely: pickle func only if not
+            if quick.growth > 0:
+                options["rising"] = (quick.growth, len(results))
             pool, sent, rest, fn = ((None, [], quick.rest, None) if waiting else _prelaunch(
                 func, quick.rest, len(results), quick.n_rest, quick))
             if pool is not None:
@@ -502,7 +504,8 @@ def _planned(func: Callable[..., Any], sampled_func: Callable[..., Any], data: I
                            executor=(options["backend"] or options["executor"]
                                      or pins.get("executor")),
                            start_index=sample_at,
-                           lazy_function_probe=bool(options.get("waiting")))
+                           lazy_function_probe=bool(options.get("waiting")),
+                           rising=options.get("rising"))
         except Exception as exc:
             if not adopted or adopted_from is None:
                 raise

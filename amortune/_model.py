@@ -103,6 +103,9 @@ class WorkloadProfile:
     #: sequences). The model projects rising costs onto the rest (:func:`project_rising_costs`).
     item_wall_slope: float = 0.0
     item_wall_trend_r: float = 0.0
+    #: When the trend was measured before the sample, over this many items (the first look's
+    #: growing chunks, whose last two rates rose): 0 when it is the sample's own fit.
+    trend_items: int = 0
 
 
 @record(frozen=True)
@@ -234,17 +237,19 @@ def project_rising_costs(p: WorkloadProfile, n_items: int) -> tuple[WorkloadProf
     """The profile of the ``n_items`` after the sample when item costs rise along the input.
 
     The sample saw the cheap head of the input; when its wall times grow with position
-    (correlation at least :data:`TREND_MIN_CORRELATION`), the rest is charged the fitted line at
+    (correlation at least :data:`TREND_MIN_CORRELATION`), or the first look measured them rising
+    before it (``trend_items``; its slope is then the profile's), the rest is charged the line at
     its own middle, ``(n_sampled + n_items) / 2`` items past the sample's middle, instead of the
     sample's mean. Returns the profile (unchanged without such a trend) and the factor applied.
     """
-    if (p.n_sampled < TREND_MIN_ITEMS or p.item_wall_trend_r < TREND_MIN_CORRELATION
+    fitted = p.n_sampled >= TREND_MIN_ITEMS and p.item_wall_trend_r >= TREND_MIN_CORRELATION
+    if (not (fitted or p.trend_items >= TREND_MIN_ITEMS)
             or p.item_wall_slope <= 0 or n_items <= 0 or p.item_wall_seconds <= 0):
         return p, 1.0
     projected = p.item_wall_seconds + p.item_wall_slope * (p.n_sampled + n_items) / 2
     # A line through zero cost at the first item is the steepest a real cost can rise: its rest
     # averages (2 + n_items / n_sampled) times the sample's mean. A steeper fit is noise.
-    factor = min(projected / p.item_wall_seconds, 2 + n_items / p.n_sampled)
+    factor = min(projected / p.item_wall_seconds, 2 + n_items / max(1, p.n_sampled))
     projected = p.item_wall_seconds * factor
     if factor < TREND_MIN_FACTOR:
         return p, 1.0
@@ -288,9 +293,12 @@ def decide(
     if n_items_known:
         p, rising = project_rising_costs(p, remaining)
         if rising > 1.0:
+            measured = (f"{fmt_seconds(p.item_wall_slope)} more each item over the first "
+                        f"{p.trend_items} items" if p.trend_items else
+                        f"correlation {p.item_wall_trend_r:.2f} over {p.n_sampled} sampled items")
             reasons.append(
-                f"item costs grow along the input (correlation {p.item_wall_trend_r:.2f} over "
-                f"{p.n_sampled} sampled items): the {remaining} left are predicted at "
+                f"item costs grow along the input ({measured}): the {remaining} left are "
+                f"predicted at "
                 f"{fmt_seconds(p.item_wall_seconds)} each, {rising:.1f}x the sample's "
                 f"{fmt_seconds(sampled_mean)}")
     serial_rest = remaining * p.item_wall_seconds

@@ -18,6 +18,7 @@ from ._model import (
     ENGINE_IMPORT_SECONDS,
     PROCESS_DISPATCH_SECONDS,
     THREAD_IMPORT_SECONDS,
+    TREND_MIN_ITEMS,
     Costs,
     Decision,
     decide,
@@ -104,12 +105,15 @@ def plan_run(
     executor: Any = None,
     start_index: int = 0,
     lazy_function_probe: bool = False,
+    rising: tuple[float, int] | None = None,
 ) -> PlannedRun:
     """Sample ``func`` on ``data`` and decide how to run the rest.
 
     ``executor`` is a backend spec (``backend=``): a built-in name, a :class:`Backend`, or an
     object a registered backend recognises. ``lazy_function_probe`` (items that wait: threads
-    are likely) pickles ``func`` only if the plan turns out to need processes.
+    are likely) pickles ``func`` only if the plan turns out to need processes. ``rising`` is
+    ``(seconds more each item, over how many items)`` when the first look saw costs rise: a
+    sample too short to fit a trend of its own (the early workers' case) takes that one.
     """
     if not callable(func):
         raise TypeError(f"func must be callable, got {type(func).__name__}")
@@ -165,6 +169,10 @@ def plan_run(
         sampled = sample(func, data, config, start_index=start_index,
                          probe_function=not (lazy_function_probe and executor is None
                                              and backend is None))
+    if (rising is not None and rising[0] > 0 and rising[1] >= TREND_MIN_ITEMS
+            and sampled.profile.n_sampled < TREND_MIN_ITEMS):
+        sampled.profile = replace(sampled.profile, item_wall_slope=rising[0],
+                                  trend_items=rising[1])
     if (executor == "processes" or backend is not None) and not sampled.profile.picklable:
         warnings.append(f"cannot use {'processes' if backend is None else backend.name}: "
                         f"{sampled.profile.not_picklable_reason}; running serially instead")

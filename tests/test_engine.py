@@ -616,13 +616,15 @@ EARLY_SCRIPT = textwrap.dedent("""
     from amortune import _optimize
     from tests import tasks
 
-    seen = []
+    seen, reasons = [], []
     decide, sample = _optimize.decide, _optimize.sample
 
     def watch(*args, **kwargs):  # the model decides once the sample is done
         warm = sys.modules.get("amortune.backends._warm")
         seen.append(warm is not None and warm.peek_warm_pool(None) is not None)
-        return decide(*args, **kwargs)
+        decision = decide(*args, **kwargs)
+        reasons.extend(decision.reasons)
+        return decision
 
     def count(*args, **kwargs):
         sampled = sample(*args, **kwargs)
@@ -637,7 +639,7 @@ EARLY_SCRIPT = textwrap.dedent("""
         items = list(range(n)) if sys.argv[1] == "rising" else [seconds] * n
         data = items if sys.argv[4] == "list" else (x for x in items)
         assert amortune.execute(func, data) == items
-        print(json.dumps(seen))
+        print(json.dumps(seen + [any("grow along the input" in r for r in reasons)]))
 """)
 
 
@@ -660,8 +662,10 @@ def test_workers_start_before_the_planner_only_when_processes_are_all_but_certai
                          capture_output=True, text=True, timeout=120, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert out.returncode == 0, out.stderr
-    sampled, started = json.loads(out.stdout)
+    sampled, started, rising = json.loads(out.stdout)
     assert started is early
+    # A sample of ~3 items cannot fit a trend: the first look's projection is the plan's.
+    assert rising is (func == "rising"), rising
     if early:  # the workers wait for the plan: the sample stops ~5 ms after the fork
         assert sampled <= 3, sampled
 

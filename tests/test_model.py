@@ -629,6 +629,21 @@ def test_no_projection_without_a_clear_trend_or_a_known_length() -> None:
     assert unknown.executor == flat.executor == "serial"
 
 
+def test_a_trend_the_first_look_measured_is_projected_from_a_sample_too_short_to_fit_one() -> None:
+    """Early workers cut the sample to ~3 items: the first look's rise (32 items) stands in."""
+    short = profile(1.7e-3, n_sampled=3, item_wall_slope=1.3e-5)
+    assert project_rising_costs(short, 470) == (short, 1.0)  # 3 items fit no trend
+    measured = replace(short, trend_items=32)
+    projected, factor = project_rising_costs(measured, 470)
+    assert projected.item_wall_seconds == pytest.approx(1.7e-3 + 1.3e-5 * (3 + 470) / 2)
+    assert factor > 2
+    d = decide(measured, 470, TWO_CORES)
+    assert any("(13.0 µs more each item over the first 32 items)" in r for r in d.reasons)
+    assert d.predicted_serial_seconds == pytest.approx(
+        measured.sampled_wall_seconds + 470 * projected.item_wall_seconds)
+    assert project_rising_costs(replace(measured, trend_items=6), 470)[1] == 1.0  # too few
+
+
 @given(slope=st.floats(1e-9, 1.0), n=st.integers(10, 500), m=st.integers(1, 100_000),
        wall=st.floats(1e-7, 1.0))
 def test_a_projection_never_exceeds_a_line_through_zero_cost(slope: float, n: int, m: int,
