@@ -103,7 +103,7 @@ class QuickOutcome:
         b = c0 - g / 2  # solves n * c0 + g * n * (n - 1) / 2 = seconds for n
         root = math.sqrt(b * b + 2 * g * seconds)
         n = 2 * seconds / (root + b) if b > 0 else (root - b) / g  # no cancellation either way
-        return max(1, int(n * (1 + 1e-12)))
+        return max(1, int(n * (1 + 1e-12)))  # an exact whole n must not round down to n - 1
 
 
 def _growth(previous: tuple[float, float] | None, rate: float, middle: float) -> float:
