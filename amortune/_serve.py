@@ -72,12 +72,34 @@ def load_prctl() -> Any:
     global _prctl
     if _prctl is None and sys.platform.startswith("linux"):
         try:
-            import ctypes
-
-            _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+            _prctl = _libc_function("prctl")
         except Exception:
-            _prctl = False
+            try:
+                import ctypes
+
+                _prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+            except Exception:
+                _prctl = False
     return _prctl or None
+
+
+def _libc_function(name: str) -> Any:
+    """libc's ``name`` (``int`` result, ``int`` arguments) through ``_ctypes``, the C module
+    behind ``ctypes``: ``import ctypes`` costs about 1 ms more (its type classes), paid before
+    the first worker forks."""
+    import _ctypes
+
+    class CInt(_ctypes._SimpleCData):  # type: ignore[type-arg]
+        _type_ = "i"
+
+    class Function(_ctypes.CFuncPtr):
+        _flags_ = _ctypes.FUNCFLAG_CDECL | _ctypes.FUNCFLAG_USE_ERRNO
+        _restype_ = CInt
+
+    class Libc:
+        _handle = _ctypes.dlopen("libc.so.6")
+
+    return Function((name, Libc()))  # type: ignore[arg-type]  # a CDLL is what has _handle
 
 
 def _die_with_parent(parent_is_forkserver: bool, parent_pid: int | None = None) -> None:

@@ -658,11 +658,14 @@ def test_workers_start_before_the_planner_only_when_processes_are_all_but_certai
         tmp_path: Path, func: str, n: int, seconds: float, early: bool, shape: str) -> None:
     script = tmp_path / "early.py"
     script.write_text(EARLY_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), func, str(n), str(seconds), shape],
-                         capture_output=True, text=True, timeout=120, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr
-    sampled, started, rising = json.loads(out.stdout)
+    for _attempt in range(2):  # a decision from timings: one preempted chunk may sway one run
+        out = subprocess.run([sys.executable, str(script), func, str(n), str(seconds), shape],
+                             capture_output=True, text=True, timeout=120, cwd=ROOT,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert out.returncode == 0, out.stderr
+        sampled, started, rising = json.loads(out.stdout)
+        if started is early and rising is (func == "rising"):
+            break
     assert started is early
     # A sample of ~3 items cannot fit a trend: the first look's projection is the plan's.
     assert rising is (func == "rising"), rising

@@ -327,3 +327,50 @@ def test_raw_forked_workers_talk_in_framed_messages_and_report_how_they_exited(
     assert got["exitcodes"] == [0, -9] and got["alive"] == [False, False]
     assert got.get("eof")
     assert got["sys.exit(3)"] == 3  # func's SystemExit ends its worker with that code
+
+
+ORPHAN = textwrap.dedent("""
+    import json, os, sys, time
+    from amortune import _prefork
+
+    # The caller: forks a raw worker into an hour-long item, reports its pid, then is killed.
+    forked = _prefork.fork_with_chunks(time.sleep, [(0, [3600])], thread_cap=1,
+                                       growth_limit=None)
+    print(json.dumps({"worker": forked.workers[0].process.pid,
+                      "ctypes": "ctypes" in sys.modules}), flush=True)
+    time.sleep(3600)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux's")
+def test_a_raw_forked_worker_dies_with_its_killed_caller(tmp_path: Path) -> None:
+    # The worker asks the kernel for SIGKILL when its parent dies (prctl through _ctypes, so
+    # the caller imports no ctypes before it forks): a busy worker cannot notice it otherwise.
+    import psutil
+
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    worker = None
+    try:
+        assert proc.stdout is not None
+        got = json.loads(proc.stdout.readline())
+        worker = got["worker"]
+        assert got["ctypes"] is False
+        assert psutil.pid_exists(worker)
+        proc.kill()
+        proc.wait(timeout=30)
+        try:
+            gone, _ = psutil.wait_procs([psutil.Process(worker)], timeout=10)
+        except psutil.NoSuchProcess:
+            gone = [worker]
+        assert gone, "the worker outlived its killed caller"
+    finally:
+        if worker is not None and psutil.pid_exists(worker):
+            psutil.Process(worker).kill()
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        if proc.stdout is not None:
+            proc.stdout.close()

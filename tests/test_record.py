@@ -10,7 +10,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from amortune._record import FrozenInstanceError, asdict, field, fields, record, replace
+from amortune._record import (
+    COMPILE_AFTER,
+    FrozenInstanceError,
+    asdict,
+    field,
+    fields,
+    record,
+    replace,
+)
 
 
 @record(frozen=True)
@@ -124,17 +132,56 @@ def test_a_required_field_after_a_default_is_refused_when_the_class_is_made() ->
             b: int
 
 
-def test_construction_compiles_the_class_own_init_once() -> None:
+def test_construction_compiles_the_class_own_init_after_a_few() -> None:
     @record(frozen=True)
     class Fresh:
         a: int
         b: list[int] = field(default_factory=list)
 
     generic = Fresh.__init__
-    first, second = Fresh(1), Fresh(2, [3])
+    early = [Fresh(k) for k in range(COMPILE_AFTER)]
+    assert Fresh.__init__ is generic  # a class built a few times compiles nothing
+    late = Fresh(2, [3])
     assert Fresh.__init__ is not generic  # replaced by the compiled one
-    assert (first.a, first.b, second.b) == (1, [], [3])
-    assert first.b is not Fresh(1).b
+    assert (early[0].a, early[-1].a, early[0].b, late.b) == (0, COMPILE_AFTER - 1, [], [3])
+    assert early[0].b is not early[1].b is not Fresh(1).b
+
+
+def _fresh_point_class() -> Any:
+    @record(frozen=True)
+    class P:
+        x: int
+        y: int = 0
+        tags: list[str] = field(default_factory=list)
+
+        def __post_init__(self) -> None:
+            if self.x < 0:
+                raise ValueError("x < 0")
+
+    return P
+
+
+@given(x=st.integers(), y=st.one_of(st.none(), st.integers()), by_keyword=st.booleans(),
+       tags=st.one_of(st.none(), st.lists(st.text(max_size=3), max_size=3)))
+def test_the_generic_init_and_the_compiled_one_agree(x: int, y: int | None, by_keyword: bool,
+                                                     tags: list[str] | None) -> None:
+    generic, compiled = _fresh_point_class(), _fresh_point_class()
+    for _ in range(COMPILE_AFTER):
+        compiled(0)
+    args: list[Any] = [] if by_keyword else [x]
+    kwargs: dict[str, Any] = {"x": x} if by_keyword else {}
+    if y is not None:
+        kwargs["y"] = y
+    if tags is not None:
+        kwargs["tags"] = tags
+    outcomes = []
+    for cls in (generic, compiled):
+        try:
+            p = cls(*args, **kwargs)
+            outcomes.append(("ok", p.x, p.y, p.tags))
+        except ValueError as exc:
+            outcomes.append(("raised", str(exc)))
+    assert outcomes[0] == outcomes[1]
 
 
 @given(x=st.integers(), y=st.integers(), label=st.text(max_size=5))
