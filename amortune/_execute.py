@@ -91,9 +91,9 @@ def _usable_cores() -> int:
     if in_worker_process():
         return 0  # a worker process cannot start workers of its own
     from ._config import Config
-    from ._system import probe_system
+    from ._system import probe_usable_cores
 
-    return probe_system(Config()).usable_cores
+    return probe_usable_cores(Config())
 
 
 def _start_workers_early(cores: int) -> ProcessBackend:

@@ -27,6 +27,7 @@ from amortune._system import (
     parse_memory_limit,
     parse_proc_self_cgroup,
     probe_system,
+    probe_usable_cores,
     usable_cores,
 )
 
@@ -414,6 +415,12 @@ def test_snapshot_start_method_is_configs(method: str) -> None:
 def test_env_cap_of_one_worker() -> None:
     snap = probe_system(Config.from_env({"AMORTUNE_MAX_WORKERS": "1"}))
     assert snap.usable_cores == 1
+
+
+@pytest.mark.parametrize("cap", [None, 1, 2, 64])
+def test_the_cores_alone_are_what_the_full_probe_says(cap: int | None) -> None:
+    config = Config(max_workers=cap)
+    assert probe_usable_cores(config) == probe_system(config).usable_cores
 
 
 def test_snapshot_is_frozen_and_plain() -> None:
