@@ -191,3 +191,19 @@ def test_pickle_and_copy_round_trip(x: int, y: int, label: str) -> None:
         assert q == p and q.label == label
         with pytest.raises(FrozenInstanceError):
             q.x = 0  # type: ignore[misc]
+
+
+def test_a_mutable_record_assigns_its_fields_as_a_dataclass_does() -> None:
+    # Plain assignment, through the class's own __setattr__; a frozen record bypasses its own.
+    @record()
+    class Logged:
+        a: int
+        b: int = 2
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            object.__setattr__(self, "log", [*getattr(self, "log", []), name])
+            object.__setattr__(self, name, value)
+
+    built = [Logged(k) for k in range(COMPILE_AFTER + 2)]  # the generic init, then the compiled
+    assert all(r.log == ["a", "b"] for r in built)  # type: ignore[attr-defined]
+    assert (built[0].a, built[-1].a, built[-1].b) == (0, COMPILE_AFTER + 1, 2)
