@@ -17,6 +17,7 @@ user's script did), ``multiprocessing.Process`` forks them. Imports the standard
 
 from __future__ import annotations
 
+import itertools
 import os
 import select
 import signal
@@ -27,13 +28,15 @@ from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, NoReturn
 
 from ._protocol import TASK_IDS, Run
-from ._serde import digest, dumps, dumps_function
+from ._serde import digest, dumps, dumps_function, script_function
 from ._serve import load_prctl, worker_main
 from ._start import choose_start, in_worker_process
 from ._worker import frame_header
 
 __all__ = ["Forked", "ForkedChild", "PipeConnection", "PreForked", "abandon", "fork_with_chunks"]
 
+#: Tokens of script functions sent by reference to the workers forked with them.
+_SCRIPT_FUNCTIONS = itertools.count(1)
 #: Messages up to this size go out in one write with their header (as ``multiprocessing``'s).
 _SMALL_MESSAGE = 16384
 
@@ -51,9 +54,10 @@ class Forked(NamedTuple):
 
 
 class PreForked(NamedTuple):
-    """Workers forked with their first chunks, and the function as every later worker gets it."""
+    """Workers forked with their first chunks, and the function as every later worker gets it
+    (``None`` for a function of the script: pickled later, in the caller)."""
 
-    func_payload: bytes
+    func_payload: bytes | None
     token: str
     workers: list[Forked]
 
@@ -208,15 +212,24 @@ def fork_with_chunks(func: Callable[..., Any], chunks: Sequence[tuple[int, list[
 
     ``func`` is pickled first, and one that cannot be pickled forks nothing: it never runs in a
     worker (what makes it unpicklable, an open file, a socket, a lock, is what a child must not
-    share), and no item runs twice.
+    share), and no item runs twice. A function of the script that reaches only modules,
+    importable functions and plain data (``script_function``) is pickled after the fork instead:
+    ``func_payload`` is then ``None``.
     """
     if in_worker_process() or choose_start(None).first != "fork":
         return None
-    try:
-        func_payload = dumps_function(func)
-    except Exception:
-        return None
-    token = digest(func_payload)
+    func_payload: bytes | None = None
+    if script_function(func):
+        # What it reaches pickles surely: by value, for the workers started later, once these
+        # run (cloudpickle's import is 12-19 ms); should that fail, the rest of the input
+        # runs in the caller.
+        token = digest(f"{os.getpid()}:{id(func)}:{next(_SCRIPT_FUNCTIONS)}".encode())
+    else:
+        try:
+            func_payload = dumps_function(func)
+        except Exception:
+            return None
+        token = digest(func_payload)
     load_prctl()  # loaded once, here: the children need no import to die with this process
     raw = "multiprocessing" not in sys.modules
     workers: list[Forked] = []

@@ -12,7 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["digest", "dumps", "dumps_function", "first_unpicklable", "item_note", "note_item"]
+__all__ = ["digest", "dumps", "dumps_function", "first_unpicklable", "item_note", "note_item",
+           "script_function"]
 
 #: The note added to an exception raised while processing an item (tests and the Pool look for it).
 ITEM_NOTE = "amortune: raised while processing item"
@@ -43,6 +44,73 @@ def digest(data: bytes) -> str:
         from hashlib import blake2b
 
     return blake2b(data, digest_size=10).hexdigest()
+
+
+def script_function(func: Any) -> bool:
+    """Whether ``func`` is a plain function defined at the top level of the running script
+    (``__main__``, found there under its name) whose reach cloudpickle surely pickles.
+
+    What it reaches, found without pickling it: the globals its code reads, its defaults and
+    attributes, and the same for the script's functions among them. Each must be a module, a
+    function or class importable by name, or plain data (numbers, strings, bytes, ``None`` and
+    containers of them). An open file, a socket, a lock, a connection or any other object means
+    ``False``: the function must then be pickled to know it can travel.
+    """
+    main = sys.modules.get("__main__")
+    budget = [_SCAN_BUDGET]
+    seen: set[int] = set()
+
+    def plain(obj: Any) -> bool:
+        budget[0] -= 1
+        if budget[0] < 0:
+            return False
+        kind = type(obj)
+        if obj is None or kind in _ATOMS:
+            return True
+        if kind in (tuple, list, set, frozenset):
+            return all(map(plain, obj))
+        if kind is dict:
+            return all(plain(k) and plain(v) for k, v in obj.items())
+        if kind is _MODULE:
+            return True
+        if _in_script(obj, main):
+            return kind is _FUNCTION and reaches_plain(obj)
+        return isinstance(obj, (type, _FUNCTION, _BUILTIN)) and _by_reference(obj)
+
+    def reaches_plain(f: Any) -> bool:
+        if id(f) in seen:
+            return True
+        seen.add(id(f))
+        code = f.__code__
+        if f.__closure__ or code.co_freevars:
+            return False
+        names: set[str] = set()
+        stack = [code]
+        while stack:
+            c = stack.pop()
+            names.update(c.co_names)
+            stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+        glb = f.__globals__
+        return (all(plain(glb[n]) for n in names if n in glb)
+                and plain(f.__defaults__ or ()) and plain(f.__kwdefaults__ or {})
+                and plain(getattr(f, "__dict__", {})))
+
+    return type(func) is _FUNCTION and _in_script(func, main) and reaches_plain(func)
+
+
+_FUNCTION = type(dumps)
+_BUILTIN = type(len)
+_MODULE = type(sys)
+_ATOMS = frozenset({bool, int, float, complex, str, bytes})
+#: Objects :func:`script_function` looks at before it gives up (a function reading a big list).
+_SCAN_BUDGET = 2000
+
+
+def _in_script(obj: Any, main: Any) -> bool:
+    name = getattr(obj, "__qualname__", None)
+    return (main is not None and getattr(obj, "__module__", None) == "__main__"
+            and isinstance(name, str) and "." not in name and "<" not in name
+            and getattr(main, name, None) is obj)
 
 
 def _by_reference(func: Any) -> bool:

@@ -21,6 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import amortune
+from tests._fresh import fresh_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,6 +48,7 @@ SCRIPT = textwrap.dedent("""
     def counted(*args, **kwargs):
         out = fork_with_chunks(*args, **kwargs)
         seen["n_forked"] = 0 if out is None else len(out.workers)
+        seen["cloudpickle_at_fork"] = "cloudpickle" in sys.modules
         return out
 
     _prefork.fork_with_chunks = counted
@@ -70,6 +72,13 @@ SCRIPT = textwrap.dedent("""
     def in_main(x):  # a __main__ function: later workers get it by value
         tasks.spin(0.002)
         return -x
+
+    LOG = None
+
+    def logs_to_global(x):  # a script function holding an open file: it cannot be pickled
+        tasks.spin(0.002)
+        print(x, os.getpid(), file=LOG, flush=True)
+        return x * x
 
     def run(case, marks):
         if case == "mp-imported":  # multiprocessing.Process forks the workers
@@ -124,6 +133,22 @@ SCRIPT = textwrap.dedent("""
                 lines = [line.split() for line in f]
             seen["items"] = sorted(int(x) for x, _ in lines)
             seen["pids"] = sorted({int(pid) for _, pid in lines})
+            return out
+        if case in ("unpicklable-script", "scan-missed"):
+            import warnings
+            global LOG
+            if case == "scan-missed":  # as if the scan had not seen the file it holds
+                _prefork.script_function = lambda func: True
+            LOG = open(os.path.join(marks, "log"), "a")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                out = amortune.execute(logs_to_global, range(300))
+            LOG.close()
+            with open(os.path.join(marks, "log")) as f:
+                lines = [line.split() for line in f]
+            seen["items"] = sorted(int(x) for x, _ in lines)
+            seen["pids"] = sorted({int(pid) for _, pid in lines})
+            seen["warnings"] = [str(w.message) for w in caught]
             return out
         if case == "forkserver":  # the user's start method: no fork, before or after the engine
             import multiprocessing
@@ -191,6 +216,9 @@ def test_workers_forked_with_their_first_chunk_return_what_map_returns(
     got = _run(tmp_path, case)
     assert got["out"] == expected
     _check_chunks(got["forked"], 300)
+    # A script's function is found by name in a forked child: cloudpickle, whose import takes
+    # 12-19 ms, waits until the workers run.
+    assert got["cloudpickle_at_fork"] is False
     # Forked by os.fork and adopted, with no multiprocessing import to delay them.
     assert got["kinds"] == ["ForkedChild"] and not got["multiprocessing"]
 
@@ -221,6 +249,79 @@ def test_a_function_that_cannot_be_pickled_never_runs_in_a_worker(tmp_path: Path
     assert got["forked"] is None and got["n_forked"] == 0
     assert got["items"] == list(range(300))  # each item ran once
     assert len(got["pids"]) == 1  # in the caller only
+
+
+def test_a_script_function_holding_an_open_file_never_runs_in_a_worker(tmp_path: Path) -> None:
+    # The scan of what it reaches finds the file without pickling: as for a closure, no fork.
+    got = _run(tmp_path, "unpicklable-script")
+    assert got["out"] == [x * x for x in range(300)]
+    assert got["forked"] is None and got["n_forked"] == 0
+    assert got["items"] == list(range(300)) and len(got["pids"]) == 1
+
+
+def test_a_script_function_that_fails_to_pickle_after_the_fork_runs_each_item_once(
+        tmp_path: Path) -> None:
+    # Had the scan missed what makes it unpicklable: the early workers run their first chunks,
+    # pickling it for later workers fails after the fork, and the rest runs in the caller.
+    got = _run(tmp_path, "scan-missed")
+    assert got["out"] == [x * x for x in range(300)]
+    assert got["forked"] and got["n_forked"] == 2
+    assert got["items"] == list(range(300))  # each item ran once
+    assert len(got["pids"]) == 3  # the caller and the two early workers
+    assert any("cannot run in worker processes" in w for w in got["warnings"]), got["warnings"]
+
+
+SCAN = textwrap.dedent("""
+    import json, os, threading, math
+    from collections import OrderedDict
+    from tests import tasks
+
+    LIMIT, NAMES, TABLE = 3, ("a", "b"), {"k": [1, 2.5, None, b"x"]}
+    LOCK, ORDERED = threading.Lock(), OrderedDict(a=1)
+
+    def helper(x):
+        return math.sqrt(x) + LIMIT
+
+    def plain(x, scale=2):
+        return helper(x) * scale + len(NAMES) + len(TABLE) + tasks.spin(0) + os.getpid()
+
+    def locked(x):
+        with LOCK:
+            return x
+
+    def via_helper(x):
+        return locked(x)
+
+    def default_lock(x, lock=LOCK):
+        return x
+
+    def ordered(x):
+        return ORDERED
+
+    class Local:
+        pass
+
+    def uses_class(x):
+        return Local()
+
+    def make():
+        y = 1
+        def inner(x):
+            return x + y
+        return inner
+
+    from amortune._serde import script_function
+    print(json.dumps({f.__name__: script_function(f) for f in
+                      (plain, helper, locked, via_helper, default_lock, ordered, uses_class,
+                       make(), tasks.spin, print)}))
+""")
+
+
+def test_which_script_functions_fork_without_being_pickled_first() -> None:
+    got = fresh_json(SCAN)
+    assert got == {"plain": True, "helper": True, "locked": False, "via_helper": False,
+                   "default_lock": False, "ordered": False, "uses_class": False,
+                   "inner": False, "spin": False, "print": False}
 
 
 def test_a_start_method_the_user_set_is_honoured_without_an_early_fork(tmp_path: Path) -> None:

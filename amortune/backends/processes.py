@@ -148,6 +148,7 @@ class ProcessBackend(Backend):
 
     def submit(self, task: ChunkTask) -> Future[ChunkOutcome]:
         try:  # pickled here, in the caller: a bad function must not reach the manager thread
+            task.fn.payload  # noqa: B018
             task.fn.token  # noqa: B018
         except Exception as exc:
             err = NotPicklableError(
