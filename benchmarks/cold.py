@@ -38,6 +38,7 @@ import argparse
 import datetime
 import importlib.metadata
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -99,13 +100,14 @@ import cold_workloads
 {imports}
 
 
+{script_function}
 def run(func, data):
     {body}
 
 
 def main():
     name, scale, steps, per_step = json.loads(sys.argv[1])
-    func, data = cold_workloads.build(name, scale, steps, per_step)
+    func, data = cold_workloads.build(name, scale, steps, per_step){rebind}
     report = {{}}
     try:
 {timed}
@@ -152,9 +154,14 @@ def probe_source(spec: cw.Spec, contestant: str, *, memory: bool = False) -> str
         imports, body = (MPIRE_SINGLE if contestant == "mpire" and spec.iterable_items
                          else CONTESTANTS[contestant])
         timed = TIMED_CALL.format(snapshot=SNAPSHOT if memory else "")
+    script_function = rebind = ""
+    if spec.in_script:  # the function as the user's script defines it, in __main__
+        script_function = "\n" + inspect.getsource(cw.spin) + "\n"
+        rebind = "\n    func = spin  # the script's own function, not the module's"
     return PROBE.format(title=f"{contestant} on {spec.name}",
                         top="import numpy as np  # noqa: F401\n\n" if spec.numpy_at_top else "",
-                        imports=imports, body=body, timed=timed)
+                        imports=imports, body=body, timed=timed,
+                        script_function=script_function, rebind=rebind)
 
 
 # -- running one fresh process -------------------------------------------------------------------

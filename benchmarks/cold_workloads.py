@@ -107,6 +107,9 @@ class Spec:
     note: str
     numpy_at_top: bool = False  # the probe script starts with ``import numpy``
     iterable_items: bool = False  # items are sequences themselves (mpire would unpack them)
+    #: The probe script defines the function itself (``spin``, in ``__main__``), as a script does:
+    #: pickling it by reference fails, so each contestant sends it its own way.
+    in_script: bool = False
 
 
 SPECS: tuple[Spec, ...] = (
@@ -119,6 +122,8 @@ SPECS: tuple[Spec, ...] = (
          numpy_at_top=True, iterable_items=True),
     Spec("sleep-5ms", 400, "sleep", "time.sleep(0.005)"),
     Spec("generator-2ms", 600, "spin", "~2 ms items from a generator (no len)"),
+    Spec("script-2ms", 600, "spin", "~2 ms items, the function defined in the script",
+         in_script=True),
     Spec("svd-250", 200, "cpu", "np.linalg.svd of 250×250 (numpy imported at the top)",
          numpy_at_top=True),
     Spec("first-call-150ms", 400, "cpu", "~2 ms items, the first call per process 150 ms"),
@@ -156,6 +161,8 @@ def build(name: str, scale: float, steps_2ms: int, per_step: float
         return nap, range(n)
     if name == "generator-2ms":
         return spin, (steps_2ms + i % 7 for i in range(n))
+    if name == "script-2ms":  # the probe swaps in its own copy of ``spin``
+        return spin, [steps_2ms + i % 7 for i in range(n)]
     if name == "svd-250":
         return svd_sum, list(range(n))
     if name == "first-call-150ms":
