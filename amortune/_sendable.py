@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ._errors import NotPicklableError, RemoteTraceback
-from ._serde import add_note, pickled_by_reference
+from ._serde import add_note, global_names, pickled_by_reference
 from .backends._base import FunctionRef
 
 __all__ = ["as_stdlib", "function_ref"]
@@ -63,15 +63,9 @@ def _captured(func: Any) -> Any:
     glb = func.__globals__
     names = _NAMES.get(code)
     if names is None:
-        found: set[str] = set()
-        stack = [code]
-        while stack:
-            c = stack.pop()
-            found.update(c.co_names)
-            stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
         if len(_NAMES) >= _REFS_SIZE:
             _NAMES.pop(next(iter(_NAMES)))
-        names = _NAMES[code] = tuple(sorted(found))
+        names = _NAMES[code] = global_names(code)
     cells = tuple(c.cell_contents if _filled(c) else _UNCACHEABLE for c in func.__closure__ or ())
     return (code, func.__defaults__, func.__kwdefaults__, *cells,
             *(glb.get(n, _UNCACHEABLE) for n in names))

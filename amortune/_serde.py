@@ -12,8 +12,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["digest", "dumps", "dumps_function", "first_unpicklable", "item_note", "note_item",
-           "script_function"]
+__all__ = ["digest", "dumps", "dumps_function", "first_unpicklable", "global_names", "item_note",
+           "note_item", "script_function"]
 
 #: The note added to an exception raised while processing an item (tests and the Pool look for it).
 ITEM_NOTE = "amortune: raised while processing item"
@@ -81,21 +81,26 @@ def script_function(func: Any) -> bool:
         if id(f) in seen:
             return True
         seen.add(id(f))
-        code = f.__code__
-        if f.__closure__ or code.co_freevars:
+        if f.__closure__ or f.__code__.co_freevars:
             return False
-        names: set[str] = set()
-        stack = [code]
-        while stack:
-            c = stack.pop()
-            names.update(c.co_names)
-            stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
         glb = f.__globals__
-        return (all(plain(glb[n]) for n in names if n in glb)
+        return (all(plain(glb[n]) for n in global_names(f.__code__) if n in glb)
                 and plain(f.__defaults__ or ()) and plain(f.__kwdefaults__ or {})
                 and plain(getattr(f, "__dict__", {})))
 
     return type(func) is _FUNCTION and _in_script(func, main) and reaches_plain(func)
+
+
+def global_names(code: Any) -> tuple[str, ...]:
+    """The names ``code`` and the code nested in it (lambdas, comprehensions, inner functions)
+    look up, sorted: its globals are among them."""
+    found: set[str] = set()
+    stack = [code]
+    while stack:
+        c = stack.pop()
+        found.update(c.co_names)
+        stack.extend(k for k in c.co_consts if hasattr(k, "co_names"))
+    return tuple(sorted(found))
 
 
 _FUNCTION = type(dumps)
