@@ -88,7 +88,12 @@ def script_function(func: Any) -> bool:
                 and plain(f.__defaults__ or ()) and plain(f.__kwdefaults__ or {})
                 and plain(getattr(f, "__dict__", {})))
 
-    return type(func) is _FUNCTION and _in_script(func, main) and reaches_plain(func)
+    if type(func) is not _FUNCTION or not _in_script(func, main):
+        return False
+    try:
+        return reaches_plain(func)
+    except RecursionError:  # data nested deeper than the interpreter's stack: pickle it to see
+        return False
 
 
 def global_names(code: Any) -> tuple[str, ...]:

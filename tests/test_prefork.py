@@ -277,6 +277,9 @@ SCAN = textwrap.dedent("""
     from tests import tasks
 
     LIMIT, NAMES, TABLE = 3, ("a", "b"), {"k": [1, 2.5, None, b"x"]}
+    DEEP = []
+    for _ in range(3000):
+        DEEP = [DEEP]
     LOCK, ORDERED = threading.Lock(), OrderedDict(a=1)
 
     def helper(x):
@@ -298,6 +301,9 @@ SCAN = textwrap.dedent("""
     def ordered(x):
         return ORDERED
 
+    def deep(x):  # nested past the interpreter's stack: the scan gives up, it does not fail
+        return DEEP
+
     class Local:
         pass
 
@@ -312,15 +318,15 @@ SCAN = textwrap.dedent("""
 
     from amortune._serde import script_function
     print(json.dumps({f.__name__: script_function(f) for f in
-                      (plain, helper, locked, via_helper, default_lock, ordered, uses_class,
-                       make(), tasks.spin, print)}))
+                      (plain, helper, locked, via_helper, default_lock, ordered, deep,
+                       uses_class, make(), tasks.spin, print)}))
 """)
 
 
 def test_which_script_functions_fork_without_being_pickled_first() -> None:
     got = fresh_json(SCAN)
     assert got == {"plain": True, "helper": True, "locked": False, "via_helper": False,
-                   "default_lock": False, "ordered": False, "uses_class": False,
+                   "default_lock": False, "ordered": False, "deep": False, "uses_class": False,
                    "inner": False, "spin": False, "print": False}
 
 
