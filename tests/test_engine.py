@@ -669,8 +669,9 @@ def test_workers_start_before_the_planner_only_when_processes_are_all_but_certai
     assert started is early
     # A sample of ~3 items cannot fit a trend: the first look's projection is the plan's.
     assert rising is (func == "rising"), rising
-    if early:  # the workers wait for the plan: the sample stops ~5 ms after the fork
-        assert sampled <= 3, sampled
+    if early:  # the workers wait for the plan: the sample stops ~5 ms after the fork (2-4
+        # items of 1-2 ms; the full sample, without an early start, takes 8 or more)
+        assert sampled <= 5, sampled
 
 
 def _watch_prelaunch(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
