@@ -35,7 +35,7 @@ from ._worker import frame_header
 
 __all__ = ["Forked", "ForkedChild", "PipeConnection", "PreForked", "abandon", "fork_with_chunks"]
 
-#: Tokens of script functions sent by reference to the workers forked with them.
+#: Numbers the tokens of script functions, which the early workers inherit before any pickling.
 _SCRIPT_FUNCTIONS = itertools.count(1)
 #: Messages up to this size go out in one write with their header (as ``multiprocessing``'s).
 _SMALL_MESSAGE = 16384

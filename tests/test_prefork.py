@@ -75,6 +75,12 @@ SCRIPT = textwrap.dedent("""
 
     LOG = None
 
+    def read_log(marks):  # which items ran, and in which processes
+        with open(os.path.join(marks, "log")) as f:
+            lines = [line.split() for line in f]
+        seen["items"] = sorted(int(x) for x, _ in lines)
+        seen["pids"] = sorted({int(pid) for _, pid in lines})
+
     def logs_to_global(x):  # a script function holding an open file: it cannot be pickled
         tasks.spin(0.002)
         print(x, os.getpid(), file=LOG, flush=True)
@@ -129,10 +135,7 @@ SCRIPT = textwrap.dedent("""
 
             out = amortune.execute(logs, range(300))
             log.close()
-            with open(os.path.join(marks, "log")) as f:
-                lines = [line.split() for line in f]
-            seen["items"] = sorted(int(x) for x, _ in lines)
-            seen["pids"] = sorted({int(pid) for _, pid in lines})
+            read_log(marks)
             return out
         if case in ("unpicklable-script", "scan-missed"):
             import warnings
@@ -144,10 +147,7 @@ SCRIPT = textwrap.dedent("""
                 warnings.simplefilter("always")
                 out = amortune.execute(logs_to_global, range(300))
             LOG.close()
-            with open(os.path.join(marks, "log")) as f:
-                lines = [line.split() for line in f]
-            seen["items"] = sorted(int(x) for x, _ in lines)
-            seen["pids"] = sorted({int(pid) for _, pid in lines})
+            read_log(marks)
             seen["warnings"] = [str(w.message) for w in caught]
             return out
         if case == "forkserver":  # the user's start method: no fork, before or after the engine
